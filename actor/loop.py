@@ -1,0 +1,113 @@
+"""The actor's loop: ``lease → maybe_load_weights → sample → send``, one group at a time."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import zmq
+
+from editrl.common import wire
+from editrl.common.config import TopologyConfig
+from editrl.common.flow import FluxKontextPolicy, LoraSpec, load_lora_state_dict
+from editrl.common.images import to_png
+from editrl.common.net import BrokerClient, new_id
+from editrl.common.tasks import MissingImageError, Task, load_source_image
+from editrl.common.weights import load_published
+
+
+class Actor:
+    def __init__(self, cfg: TopologyConfig, actor_id: int, log: Any, ctx: zmq.Context | None = None) -> None:
+        self.cfg, self.log = cfg, log
+        self.actor_id = f"actor-{actor_id}"
+        self.ctx = ctx or zmq.Context()
+        lora = LoraSpec(rank=cfg.policy.lora.rank, alpha=cfg.policy.lora.alpha)
+        t0 = time.monotonic()
+        self.policy = FluxKontextPolicy.from_pretrained(cfg.policy.model, with_pipeline=True, lora=lora)
+        log.info("policy_loaded", model=cfg.policy.model, seconds=round(time.monotonic() - t0, 2))
+        self.client = BrokerClient(self.ctx, cfg.broker.endpoint, self.actor_id)
+        self.version = 0
+        self.generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + actor_id)
+        self.n_groups = 0
+        self.wait_s = 0.0
+
+    def run(self, should_stop: Any, max_groups: int = 0) -> None:
+        while not should_stop() and not (max_groups and self.n_groups >= max_groups):
+            reply = self.client.request(wire.LeaseRequest(self.actor_id, new_id()), should_stop=should_stop)
+            self.maybe_load_weights(reply.weights)
+            if isinstance(reply, wire.Wait):
+                self.wait_s += reply.retry_after_s
+                time.sleep(reply.retry_after_s)
+                continue
+            group = self.sample(reply)
+            if group is None:
+                continue
+            ack = self.client.request(group, should_stop=should_stop)  # resent with the same ids until acked
+            self.n_groups += 1
+            self.log.info(
+                "group_sent",
+                group_id=group.group_id,
+                task_id=group.task_id,
+                version=group.policy_version,
+                detail=ack.detail,
+                n_groups=self.n_groups,
+            )
+            self.maybe_load_weights(ack.weights)
+
+    def maybe_load_weights(self, weights: dict[str, Any]) -> None:
+        info = wire.weights_from_dict(weights)
+        if info.version <= self.version:
+            return
+        t0 = time.monotonic()
+        try:
+            state = load_published(info)
+            load_lora_state_dict(self.policy.transformer, state)
+        except (ValueError, OSError) as exc:  # keep generating with the current version; retry on the next reply
+            self.log.warning("weights_load_failed", version=info.version, error=str(exc)[:200])
+            return
+        self.version = info.version
+        self.log.info("weights_loaded", version=info.version, seconds=round(time.monotonic() - t0, 3))
+
+    def sample(self, lease: wire.Lease) -> wire.RolloutGroup | None:
+        task = Task(lease.task_id, lease.instruction, tuple(lease.input_images), lease.task_type)
+        try:
+            source = load_source_image(task)
+        except MissingImageError as exc:
+            self.log.warning("task_skipped_missing_image", task_id=task.task_id, error=str(exc))
+            self.client.request(wire.SkipTask(new_id(), lease.lease_id, task.task_id, self.actor_id, "missing_image"))
+            return None
+        sampler = self.cfg.policy.sampler
+        t0 = time.monotonic()
+        with torch.no_grad():
+            cond = self.policy.encode_condition(task.instruction, source)
+            traj = self.policy.sample_group(
+                cond, self.cfg.data.group_size, sampler.num_steps, sampler.noise_level, sampler.guidance, self.generator
+            )
+            edits = self.policy.decode(traj.latents[:, -1])
+        self.log.debug("group_sampled", task_id=task.task_id, seconds=round(time.monotonic() - t0, 3))
+        return wire.RolloutGroup(
+            request_id=new_id(),
+            group_id=new_id(),
+            lease_id=lease.lease_id,
+            task_id=task.task_id,
+            actor_id=self.actor_id,
+            policy_version=self.version,
+            instruction=task.instruction,
+            task_type=task.task_type,
+            source_png=to_png(source),
+            edit_pngs=[to_png(im) for im in edits],
+            latents=traj.latents.numpy().astype(np.float32, copy=False),
+            log_probs=traj.log_probs.numpy().astype(np.float32, copy=False),
+            sigmas=traj.sigmas.numpy().astype(np.float32, copy=False),
+            cond={k: np.ascontiguousarray(v) for k, v in cond.to_arrays().items()},
+            height=cond.height,
+            width=cond.width,
+            noise_level=sampler.noise_level,
+            guidance=sampler.guidance,
+            train_steps=sampler.num_steps - 1,  # the last, near-noiseless step is never trained on
+        )
+
+    def close(self) -> None:
+        self.client.close()

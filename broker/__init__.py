@@ -1,0 +1,1 @@
+"""editrl.broker"""

@@ -1,0 +1,268 @@
+"""The broker's durable state: rollout groups, their scores and the replay order, in one LMDB environment.
+
+Terms
+- **group**: G edits of one (instruction, source image), as the actor sent it (a ``RolloutGroup`` record), keyed by
+  ``group_id``. Immutable once stored.
+- **state** of a group: ``pending`` (stored, waiting for scores) → ``ready`` (scored, in the replay, sampleable) →
+  ``consumed`` (handed to a learner rank). Side exits, each counted: ``unscorable`` (the judge could not score it),
+  ``stale`` (older than the learner's staleness bound when sampled), ``evicted`` (pushed out by capacity).
+- **seq**: a durable, strictly increasing insert number; ``pending`` and ``ready`` tables are ordered by it (FIFO).
+- **version**: the policy weight version that generated a group.
+
+Guarantees
+- An insert is acknowledged only after its write transaction committed with ``sync=True`` (fsync), so every
+  acknowledged group survives kill -9 of the broker. Inserts are idempotent: ``put(overwrite=False)`` on the
+  ``group_id`` key, so a resent group is stored once.
+- Every state change and the counters it affects are written in the same transaction.
+- Capacity: at most ``capacity`` group records are kept; the oldest non-pending records beyond it are deleted (their
+  state becomes ``evicted`` if they were never consumed). Pending groups are never evicted.
+- ``MapFullError`` grows the map (no transaction open) and retries the same batch.
+- One writer process per environment (the broker). Readers (inspection tools) use short read-only transactions.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+
+_SEQ = struct.Struct(">Q")  # big-endian so LMDB's byte order is numeric order
+_DBS = ("groups", "status", "pending", "ready", "stored", "meta")
+
+COUNTER_KEYS = (
+    "ingested",
+    "duplicate_groups",
+    "scored",
+    "consumed",
+    "dropped_stale",
+    "dropped_unscorable",
+    "evicted",
+    "evicted_unconsumed",
+)
+
+
+class ReplayStore:
+    """LMDB-backed group store. Not thread-safe; one instance in the broker process."""
+
+    def __init__(self, path: str | Path, capacity: int, map_size_bytes: int = 1 << 30, readonly: bool = False):
+        if capacity <= 0:
+            raise ValueError(f"capacity must be > 0, got {capacity}")
+        self.path = Path(path)
+        self.capacity = capacity
+        self.readonly = readonly
+        if not readonly:
+            self.path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(
+            str(self.path),
+            map_size=map_size_bytes,
+            max_dbs=len(_DBS),
+            sync=True,
+            metasync=True,
+            writemap=False,
+            readonly=readonly,
+            lock=True,
+            subdir=True,
+        )
+        self.db = {name: self.env.open_db(name.encode(), create=not readonly) for name in _DBS}
+        if not readonly:
+            self.env.reader_check()  # clear reader slots left by killed processes
+
+    # -- transactions ------------------------------------------------------------------------------------------
+
+    def _write(self, fn: Callable[[lmdb.Transaction], Any]) -> Any:
+        """Run ``fn`` in one write transaction; on MapFullError grow the map and retry the same work."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def _get_meta(self, txn: lmdb.Transaction, key: str, default: Any) -> Any:
+        raw = txn.get(key.encode(), db=self.db["meta"])
+        return default if raw is None else msgpack.unpackb(raw, raw=False)
+
+    def _put_meta(self, txn: lmdb.Transaction, key: str, value: Any) -> None:
+        txn.put(key.encode(), msgpack.packb(value, use_bin_type=True), db=self.db["meta"])
+
+    def _bump(self, txn: lmdb.Transaction, counters: dict[str, int], **deltas: int) -> None:
+        for k, v in deltas.items():
+            counters[k] = counters.get(k, 0) + v
+        self._put_meta(txn, "counters", counters)
+
+    def _status(self, txn: lmdb.Transaction, gid: bytes) -> dict[str, Any] | None:
+        raw = txn.get(gid, db=self.db["status"])
+        return None if raw is None else msgpack.unpackb(raw, raw=False)
+
+    def _set_status(self, txn: lmdb.Transaction, gid: bytes, status: dict[str, Any]) -> None:
+        txn.put(gid, msgpack.packb(status, use_bin_type=True), db=self.db["status"])
+
+    # -- writes ------------------------------------------------------------------------------------------------
+
+    def insert_groups(self, items: Iterable[tuple[str, bytes, dict[str, Any]]]) -> list[bool]:
+        """Store groups ``(group_id, record, info)`` as pending in ONE fsync'd transaction.
+
+        Returns, per item, True if stored now or False if the group_id was already stored (a duplicate resend).
+        ``info`` is small metadata kept in the status table (version, task, actor, instruction).
+        """
+        items = list(items)
+
+        def txn_fn(txn: lmdb.Transaction) -> list[bool]:
+            counters = self._get_meta(txn, "counters", {})
+            seq = self._get_meta(txn, "next_seq", 0)
+            out = []
+            for group_id, record, info in items:
+                gid = group_id.encode()
+                if not txn.put(gid, record, db=self.db["groups"], overwrite=False):
+                    self._bump(txn, counters, duplicate_groups=1)
+                    out.append(False)
+                    continue
+                key = _SEQ.pack(seq)
+                self._set_status(txn, gid, {**info, "state": "pending", "seq": seq})
+                txn.put(key, gid, db=self.db["pending"])
+                txn.put(key, gid, db=self.db["stored"])
+                seq += 1
+                self._bump(txn, counters, ingested=1)
+                out.append(True)
+            self._put_meta(txn, "next_seq", seq)
+            self._evict(txn, counters)
+            return out
+
+        return self._write(txn_fn)
+
+    def mark_scored(self, group_id: str, rewards: list[float], scores: dict[str, Any]) -> bool:
+        """pending → ready with its rewards. False if the group is not pending (a late duplicate result)."""
+
+        def txn_fn(txn: lmdb.Transaction) -> bool:
+            gid = group_id.encode()
+            status = self._status(txn, gid)
+            if status is None or status["state"] != "pending":
+                return False
+            key = _SEQ.pack(status["seq"])
+            txn.delete(key, db=self.db["pending"])
+            txn.put(key, gid, db=self.db["ready"])
+            status.update(state="ready", rewards=rewards, scores=scores)
+            self._set_status(txn, gid, status)
+            self._bump(txn, self._get_meta(txn, "counters", {}), scored=1)
+            return True
+
+        return self._write(txn_fn)
+
+    def mark_unscorable(self, group_id: str, reason: str) -> bool:
+        """pending → unscorable (dropped, counted). False if the group is not pending."""
+
+        def txn_fn(txn: lmdb.Transaction) -> bool:
+            gid = group_id.encode()
+            status = self._status(txn, gid)
+            if status is None or status["state"] != "pending":
+                return False
+            txn.delete(_SEQ.pack(status["seq"]), db=self.db["pending"])
+            status.update(state="unscorable", reason=reason)
+            self._set_status(txn, gid, status)
+            self._bump(txn, self._get_meta(txn, "counters", {}), dropped_unscorable=1)
+            return True
+
+        return self._write(txn_fn)
+
+    def take_ready(self, max_groups: int, min_version: int) -> tuple[list[tuple[str, bytes, list[float]]], int]:
+        """Pop up to ``max_groups`` ready groups (oldest first) → consumed; groups older than ``min_version`` are
+        dropped as stale on the way (counted). Returns ``([(group_id, record, rewards)], n_dropped_stale)``."""
+
+        def txn_fn(txn: lmdb.Transaction) -> tuple[list[tuple[str, bytes, list[float]]], int]:
+            counters = self._get_meta(txn, "counters", {})
+            out, stale = [], 0
+            cursor = txn.cursor(db=self.db["ready"])
+            for key, gid in list(cursor.iternext()):
+                if len(out) >= max_groups:
+                    break
+                status = self._status(txn, gid)
+                txn.delete(key, db=self.db["ready"])
+                if status["version"] < min_version:
+                    status["state"] = "stale"
+                    stale += 1
+                else:
+                    status["state"] = "consumed"
+                    out.append((gid.decode(), bytes(txn.get(gid, db=self.db["groups"])), status["rewards"]))
+                self._set_status(txn, gid, status)
+            self._bump(txn, counters, consumed=len(out), dropped_stale=stale)
+            return out, stale
+
+        return self._write(txn_fn)
+
+    def _evict(self, txn: lmdb.Transaction, counters: dict[str, int]) -> None:
+        n_stored = txn.stat(self.db["stored"])["entries"]
+        if n_stored <= self.capacity:
+            return
+        cursor = txn.cursor(db=self.db["stored"])
+        for key, gid in list(cursor.iternext()):
+            if n_stored <= self.capacity:
+                break
+            status = self._status(txn, gid)
+            if status["state"] == "pending":
+                continue  # never evict unscored work
+            if status["state"] == "ready":
+                txn.delete(key, db=self.db["ready"])
+                self._bump(txn, counters, evicted_unconsumed=1)
+                status["state"] = "evicted"
+            txn.delete(key, db=self.db["stored"])
+            txn.delete(gid, db=self.db["groups"])
+            status["evicted"] = True
+            self._set_status(txn, gid, status)
+            self._bump(txn, counters, evicted=1)
+            n_stored -= 1
+
+    def next_task(self, n_tasks: int) -> tuple[int, int]:
+        """Advance the durable task cursor; returns ``(task_index, epoch)``."""
+
+        def txn_fn(txn: lmdb.Transaction) -> tuple[int, int]:
+            cursor = self._get_meta(txn, "task_cursor", 0)
+            self._put_meta(txn, "task_cursor", cursor + 1)
+            return cursor % n_tasks, cursor // n_tasks
+
+        return self._write(txn_fn)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._write(lambda txn: self._put_meta(txn, key, value))
+
+    def bump(self, **deltas: int) -> None:
+        self._write(lambda txn: self._bump(txn, self._get_meta(txn, "counters", {}), **deltas))
+
+    # -- reads -------------------------------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        with self.env.begin() as txn:
+            return self._get_meta(txn, key, default)
+
+    def counters(self) -> dict[str, int]:
+        counters = {k: 0 for k in COUNTER_KEYS}
+        counters.update(self.get_meta("counters", {}))
+        return counters
+
+    def pending_ids(self) -> list[str]:
+        with self.env.begin() as txn:
+            return [gid.decode() for _, gid in txn.cursor(db=self.db["pending"])]
+
+    def ready_count(self) -> int:
+        with self.env.begin() as txn:
+            return txn.stat(self.db["ready"])["entries"]
+
+    def get_record(self, group_id: str) -> bytes | None:
+        with self.env.begin() as txn:
+            raw = txn.get(group_id.encode(), db=self.db["groups"])
+            return None if raw is None else bytes(raw)
+
+    def get_status(self, group_id: str) -> dict[str, Any] | None:
+        with self.env.begin() as txn:
+            return self._status(txn, group_id.encode())
+
+    def iter_status(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every group ever stored (including evicted ones) with its state, in key order."""
+        with self.env.begin() as txn:
+            return [(k.decode(), msgpack.unpackb(v, raw=False)) for k, v in txn.cursor(db=self.db["status"])]
+
+    def close(self) -> None:
+        self.env.close()

@@ -1,0 +1,115 @@
+"""The one ``editrl`` command. Subcommands import their heavy dependencies only when run, so ``--help`` is instant.
+
+editrl up configs/quickstart.yaml [--max-steps N] [--dry-run]   start and supervise a whole topology
+editrl broker|actor|scorer|learner --config topo.yaml [--id N]   run one process of it
+editrl make-tiny DIR                                             build the tiny local FLUX-Kontext model
+editrl make-data DIR                                             write the synthetic quickstart task set
+editrl status topo.yaml [--json]                                 the broker's counters and queue depths
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+ROLES = ("broker", "actor", "scorer", "learner")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ROLES:
+        module = __import__(f"editrl.{argv[0]}.main", fromlist=["main"])
+        return module.main(argv[1:])
+    parser = argparse.ArgumentParser(prog="editrl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for role in ROLES:
+        sub.add_parser(role, help=f"run one {role} process (see `editrl {role} --help`)")
+    up = sub.add_parser("up", help="start every process of a topology and supervise them")
+    up.add_argument("config")
+    up.add_argument("--max-steps", type=int, default=None, help="stop after this many learner steps")
+    up.add_argument("--dry-run", action="store_true", help="print the resolved config and commands, start nothing")
+    tiny = sub.add_parser("make-tiny", help="build a tiny random-weight FLUX-Kontext pipeline (no download)")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    data = sub.add_parser("make-data", help="write the synthetic quickstart edit tasks (jsonl + PNGs)")
+    data.add_argument("dir")
+    data.add_argument("--n-tasks", type=int, default=16)
+    data.add_argument("--size", type=int, default=64)
+    status = sub.add_parser("status", help="ask the broker of a topology for its counters")
+    status.add_argument("config")
+    status.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    return {"up": _up, "make-tiny": _make_tiny, "make-data": _make_data, "status": _status}[args.command](args)
+
+
+def _load(path: str):  # noqa: ANN202
+    from editrl.common.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"editrl: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _up(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from editrl.common.log import setup_logging
+    from editrl.common.supervisor import Supervisor, plan, prepare
+
+    cfg = _load(args.config)
+    if args.dry_run:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        for child in plan(cfg, cfg.source_path, args.max_steps):
+            print(f"{child.name}: {' '.join(child.argv)}")
+        return 0
+    log = setup_logging("supervisor", 0, cfg.run_dir)
+    prepare(cfg, log)
+    print(
+        f"editrl: run '{cfg.run.name}' in {cfg.run_dir} (logs: {cfg.run_dir / 'logs'}, TensorBoard: {cfg.run_dir / 'tb'})"
+    )
+    return Supervisor(cfg, cfg.source_path, args.max_steps, log).run()
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from editrl.common.tiny import build_tiny_flux_kontext
+
+    print(build_tiny_flux_kontext(args.dir, seed=args.seed))
+    return 0
+
+
+def _make_data(args: argparse.Namespace) -> int:
+    from editrl.common.tasks import make_quickstart_tasks
+
+    print(make_quickstart_tasks(args.dir, n_tasks=args.n_tasks, size=args.size))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import zmq
+
+    from editrl.common import wire
+    from editrl.common.net import BrokerClient, new_id
+
+    cfg = _load(args.config)
+    client = BrokerClient(zmq.Context(), cfg.broker.endpoint, "status", timeout_s=3.0)
+    try:
+        reply = client.request(wire.StatusRequest(new_id()), retries=0)
+    except TimeoutError:
+        print(f"editrl: no broker answering at {cfg.broker.endpoint}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps({"counters": reply.counters, "weights": reply.weights}))
+    else:
+        for key in sorted(reply.counters):
+            print(f"{key:28s} {reply.counters[key]}")
+        print(f"{'weights':28s} v{reply.weights['version']} {reply.weights['uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

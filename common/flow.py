@@ -1,0 +1,480 @@
+"""Flow-matching editing policy (FLUX.1-Kontext) shared by the actor and the learner.
+
+Conventions (Flow-GRPO, see docs REFERENCE-MATH section 1): flow time runs sigma = 1 (noise) -> 0 (data),
+dt = sigma_next - sigma < 0, one SDE step per sampler step, log-prob = Gaussian log-density of the stored next
+latent averaged over all non-batch elements (one scalar per sample per step). Everything numeric is float32.
+
+Shapes: B = batch, G = group size, N = sampler steps, L = packed latent tokens, C = packed channels
+(4 x VAE latent channels), T = text tokens, D = text width, P = pooled text width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "GroupCondition",
+    "Trajectory",
+    "LoraSpec",
+    "FluxKontextPolicy",
+    "flow_sde_step",
+    "flux_schedule",
+    "flux_velocity",
+    "add_lora",
+    "lora_state_dict",
+    "load_lora_state_dict",
+]
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def _per_sample(s: float | torch.Tensor, batch: int, ndim: int) -> torch.Tensor:
+    """Scalar / [] / [B] sigma -> float32 tensor [B, 1, ..., 1] with `ndim` dims in total."""
+    t = torch.as_tensor(s, dtype=torch.float32)
+    t = t.reshape(-1).to(torch.float32)
+    if t.numel() == 1:
+        t = t.expand(batch)
+    if t.numel() != batch:
+        raise ValueError(f"sigma has {t.numel()} values for a batch of {batch}")
+    return t.reshape(batch, *([1] * (ndim - 1)))
+
+
+def flow_sde_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: float | torch.Tensor,
+    sigma_next: float | torch.Tensor,
+    noise_level: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Flow-GRPO SDE step with its Gaussian log-prob (float32 throughout).
+
+    Args:
+        x: current latents [B, ...] (e.g. [B, L, C]); cast to float32.
+        v: velocity prediction, same shape as x; cast to float32.
+        sigma, sigma_next: python floats or tensors [] / [B]; broadcast over non-batch dims.
+        noise_level: a in std_dev_t = a * sqrt(sigma / (1 - sigma)); must be > 0.
+        prev_sample: the next latent to score [B, ...]; drawn as mean + std * eps when None.
+        generator: RNG for eps (only used when prev_sample is None).
+
+    Returns:
+        prev_sample [B, ...] float32, log_prob [B] float32 (mean over non-batch elements of the Gaussian
+        log-density of prev_sample.detach() under N(mean, std^2)), mean [B, ...] float32, std [B, 1, ...] float32
+        (per-element transition std = std_dev_t * sqrt(-dt)).
+
+    Math: dt = sigma_next - sigma; std_dev_t = a * sqrt(sigma / (1 - s')) with s' = sigma, except at sigma == 1
+    where s' = sigma_next. flow_grpo uses sigmas[1] (the schedule's second sigma) there, which is exactly
+    sigma_next at the first step, the only step with sigma == 1.
+    mean = x (1 + std_dev_t^2 / (2 sigma) dt) + v (1 + std_dev_t^2 (1 - sigma) / (2 sigma)) dt.
+    Gradients flow only through mean (i.e. through v).
+    """
+    if noise_level <= 0:
+        raise ValueError(f"noise_level must be > 0 for a log-prob, got {noise_level}")
+    x = x.to(torch.float32)
+    v = v.to(torch.float32)
+    b, nd = x.shape[0], x.ndim
+    s = _per_sample(sigma, b, nd).to(x.device)  # [B, 1, ...]
+    s_next = _per_sample(sigma_next, b, nd).to(x.device)  # [B, 1, ...]
+    dt = s_next - s
+    denom_sigma = torch.where(s == 1.0, s_next, s)
+    std_dev_t = noise_level * torch.sqrt(s / (1.0 - denom_sigma))
+    mean = x * (1.0 + std_dev_t**2 / (2.0 * s) * dt) + v * (1.0 + std_dev_t**2 * (1.0 - s) / (2.0 * s)) * dt
+    std = std_dev_t * torch.sqrt(-dt)
+    if not bool(torch.all(std > 0)) or not bool(torch.all(torch.isfinite(std))):
+        raise ValueError(f"transition std must be finite and > 0, got {std.flatten().tolist()}")
+    if prev_sample is None:
+        eps = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+        prev_sample = mean + std * eps
+    prev_sample = prev_sample.to(torch.float32)
+    lp = -((prev_sample.detach() - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    log_prob = lp.mean(dim=tuple(range(1, nd)))  # [B]
+    return prev_sample, log_prob, mean, std
+
+
+def flux_schedule(num_steps: int, image_seq_len: int, scheduler_config: dict[str, Any]) -> torch.Tensor:
+    """Sigma schedule [N+1] float32 exactly as FluxKontextPipeline builds it (final 0 included).
+
+    sigmas = linspace(1, 1/N, N), mu = calculate_shift(image_seq_len, ...) from the scheduler config, then
+    `scheduler.set_timesteps(sigmas=..., mu=...)` applies the (dynamic) shift and appends 0.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
+    cfg = scheduler.config
+    mu = calculate_shift(
+        image_seq_len,
+        cfg.get("base_image_seq_len", 256),
+        cfg.get("max_image_seq_len", 4096),
+        cfg.get("base_shift", 0.5),
+        cfg.get("max_shift", 1.15),
+    )
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+    scheduler.set_timesteps(sigmas=sigmas, mu=mu)
+    out = scheduler.sigmas.to(torch.float32).cpu()
+    if out.shape[0] != num_steps + 1:
+        raise RuntimeError(f"unexpected schedule length {out.shape[0]} for {num_steps} steps")
+    return out
+
+
+@dataclass
+class GroupCondition:
+    """Everything the transformer needs about one (instruction, source image) pair; stored once per group.
+
+    prompt_embeds [T, D], pooled_prompt_embeds [P], text_ids [T, 3], image_latents [L_img, C] (packed source
+    latents, already shifted/scaled), latent_ids [L, 3] (target tokens), image_ids [L_img, 3] (first id = 1);
+    all float32. height/width: output image size in pixels.
+    """
+
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    text_ids: torch.Tensor
+    image_latents: torch.Tensor
+    latent_ids: torch.Tensor
+    image_ids: torch.Tensor
+    height: int
+    width: int
+
+    _FIELDS = ("prompt_embeds", "pooled_prompt_embeds", "text_ids", "image_latents", "latent_ids", "image_ids")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """float32 numpy copies of the tensor fields (height/width travel separately)."""
+        return {k: getattr(self, k).detach().to(torch.float32).cpu().numpy() for k in self._FIELDS}
+
+    @classmethod
+    def from_arrays(cls, d: dict[str, np.ndarray], height: int, width: int) -> GroupCondition:
+        """Inverse of to_arrays."""
+        kw = {k: torch.from_numpy(np.ascontiguousarray(d[k], dtype=np.float32)) for k in cls._FIELDS}
+        return cls(**kw, height=int(height), width=int(width))
+
+    @property
+    def seq_len(self) -> int:
+        """L, number of target latent tokens."""
+        return int(self.latent_ids.shape[0])
+
+
+@dataclass
+class Trajectory:
+    """One sampled group: latents [G, N+1, L, C] (x_0 = noise ... x_N = final), log_probs [G, N] (behaviour
+    log-prob of each SDE step on the stored tensors), sigmas [N+1]; all float32."""
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    sigmas: torch.Tensor
+    noise_level: float = 0.0
+    guidance: float = 0.0
+
+
+def _param_dtype(module: torch.nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        return p.dtype
+    return torch.float32
+
+
+def _guidance_embeds(transformer: torch.nn.Module) -> bool:
+    cfg = getattr(transformer, "config", None)
+    if cfg is None and hasattr(transformer, "module"):
+        cfg = getattr(transformer.module, "config", None)
+    return bool(getattr(cfg, "guidance_embeds", True)) if cfg is not None else True
+
+
+def flux_velocity(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    sigma: float | torch.Tensor,
+    cond: GroupCondition,
+    guidance: float | None,
+) -> torch.Tensor:
+    """Velocity v [B, L, C] float32 for latents [B, L, C] at sigma (float, [] or [B]).
+
+    Kontext layout: hidden = cat([latents, image_latents], dim=1) (sequence dim), img_ids = cat([latent_ids,
+    image_ids], 0), prediction cut to the first L tokens. The transformer multiplies `timestep` by 1000 itself
+    (the pipeline passes t/1000 with t = 1000 sigma), so we pass sigma directly; the same for guidance (embedded
+    only when the model has guidance_embeds). Works with any module with FluxTransformer2DModel's forward.
+    """
+    b, seq, _ = latents.shape
+    device = latents.device
+    dtype = _param_dtype(transformer)
+    img = cond.image_latents.to(device=device, dtype=dtype).unsqueeze(0).expand(b, -1, -1)  # [B, L_img, C]
+    hidden = torch.cat([latents.to(dtype), img], dim=1)  # [B, L + L_img, C]
+    img_ids = torch.cat([cond.latent_ids, cond.image_ids], dim=0).to(device=device, dtype=dtype)
+    timestep = _per_sample(sigma, b, 1).to(device=device)  # [B] float32
+    g = None
+    if guidance is not None and _guidance_embeds(transformer):
+        g = torch.full((b,), float(guidance), dtype=torch.float32, device=device)
+    out = transformer(
+        hidden_states=hidden,
+        timestep=timestep,
+        guidance=g,
+        pooled_projections=cond.pooled_prompt_embeds.to(device=device, dtype=dtype).unsqueeze(0).expand(b, -1),
+        encoder_hidden_states=cond.prompt_embeds.to(device=device, dtype=dtype).unsqueeze(0).expand(b, -1, -1),
+        txt_ids=cond.text_ids.to(device=device, dtype=dtype),
+        img_ids=img_ids,
+        return_dict=False,
+    )[0]
+    return out[:, :seq].to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------- LoRA
+
+
+def _default_targets() -> list[str]:
+    return [
+        # attention (double blocks: image + text streams; single blocks share to_q/k/v)
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        # feed-forward
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+        "proj_mlp",
+        "proj_out",  # single-block output and the final projection
+        # adaptive norms (modulation) and time/text embeddings: cheap, let a LoRA shift the output directly
+        "norm1.linear",
+        "norm1_context.linear",
+        "norm.linear",
+        "norm_out.linear",
+        "timestep_embedder.linear_1",
+        "timestep_embedder.linear_2",
+        "guidance_embedder.linear_1",
+        "guidance_embedder.linear_2",
+        "text_embedder.linear_1",
+        "text_embedder.linear_2",
+    ]
+
+
+@dataclass
+class LoraSpec:
+    """LoRA settings. target_modules are matched by peft as name suffixes. B starts at zero (identity)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=_default_targets)
+    seed: int = 0
+
+
+_ADAPTER = "default"
+
+
+def add_lora(transformer: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
+    """Inject a peft LoRA adapter in place (deterministic A init from spec.seed, B = 0); freeze the base.
+
+    Returns the same module. Only LoRA parameters keep requires_grad=True.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.target_modules),
+        lora_dropout=0.0,
+        init_lora_weights=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        inject_adapter_in_model(cfg, transformer, adapter_name=_ADAPTER)
+    n = 0
+    for name, p in transformer.named_parameters():
+        is_lora = "lora_" in name
+        p.requires_grad_(is_lora)
+        n += int(is_lora)
+    if n == 0:
+        raise ValueError(f"no LoRA parameters injected for targets {spec.target_modules}")
+    return transformer
+
+
+def _lora_key(name: str) -> str:
+    """Stable key: drop wrapper prefixes and the adapter name ('x.lora_A.default.weight' -> 'x.lora_A.weight')."""
+    for prefix in ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(prefix, "")
+    return name.replace(f".{_ADAPTER}.", ".")
+
+
+def _lora_params(transformer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {_lora_key(n): p for n, p in transformer.named_parameters() if "lora_" in n}
+
+
+def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA parameters only, as plain contiguous CPU tensors (DTensors are gathered), stable key names."""
+    out: dict[str, torch.Tensor] = {}
+    for k, p in _lora_params(transformer).items():
+        t = p.detach()
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        out[k] = t.cpu().clone().contiguous()
+    return out
+
+
+def load_lora_state_dict(transformer: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Copy `sd` into the LoRA parameters; raises KeyError/ValueError on missing, unexpected or mis-shaped keys."""
+    params = _lora_params(transformer)
+    missing = sorted(set(params) - set(sd))
+    unexpected = sorted(set(sd) - set(params))
+    if missing or unexpected:
+        raise KeyError(f"LoRA state dict mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+    for k, p in params.items():
+        if tuple(sd[k].shape) != tuple(p.shape):
+            raise ValueError(f"LoRA shape mismatch for {k}: {tuple(sd[k].shape)} vs {tuple(p.shape)}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(sd[k].to(dtype=p.dtype, device=p.device))
+
+
+# ----------------------------------------------------------------------------------------------------- policy
+
+
+class FluxKontextPolicy:
+    """FLUX.1-Kontext as a stochastic policy over latent trajectories.
+
+    The actor uses the full pipeline (text encoders, VAE) to encode conditions, sample groups and decode;
+    the learner loads only the transformer (`with_pipeline=False`) and calls `flux_velocity` + `flow_sde_step`.
+    """
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        scheduler_config: dict[str, Any],
+        pipeline: Any | None = None,
+        max_sequence_length: int = 32,
+    ) -> None:
+        self.transformer = transformer
+        self.scheduler_config = dict(scheduler_config)
+        self.pipeline = pipeline
+        self.max_sequence_length = max_sequence_length
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        with_pipeline: bool = True,
+        lora: LoraSpec | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+        max_sequence_length: int = 32,
+    ) -> FluxKontextPolicy:
+        """Load from a diffusers directory (or model id). LoRA, if given, is injected with B = 0."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+
+        pipe = None
+        if with_pipeline:
+            pipe = FluxKontextPipeline.from_pretrained(str(path), dtype=torch_dtype)
+            pipe.set_progress_bar_config(disable=True)
+            transformer = pipe.transformer
+            sched_cfg = dict(pipe.scheduler.config)
+        else:
+            transformer = FluxTransformer2DModel.from_pretrained(str(path), subfolder="transformer", dtype=torch_dtype)
+            sched_cfg = dict(FlowMatchEulerDiscreteScheduler.load_config(str(path), subfolder="scheduler"))
+        transformer.eval()
+        if lora is not None:
+            add_lora(transformer, lora)
+        return cls(transformer, sched_cfg, pipe, max_sequence_length=max_sequence_length)
+
+    def _pipe(self) -> Any:
+        if self.pipeline is None:
+            raise RuntimeError("this policy was loaded with with_pipeline=False")
+        return self.pipeline
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the transformer parameters."""
+        return next(self.transformer.parameters()).device
+
+    @torch.no_grad()
+    def encode_condition(self, instruction: str, source: Any) -> GroupCondition:
+        """Encode (instruction, PIL source image) without Kontext's ~1 MP auto-resize.
+
+        The output size is the source size rounded down to a multiple of 2 x vae_scale_factor.
+        """
+        pipe = self._pipe()
+        device = self.device
+        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=instruction, prompt_2=None, device=device, max_sequence_length=self.max_sequence_length
+        )
+        multiple_of = pipe.vae_scale_factor * 2
+        width, height = source.size
+        width, height = width // multiple_of * multiple_of, height // multiple_of * multiple_of
+        if width == 0 or height == 0:
+            raise ValueError(f"source image {source.size} smaller than {multiple_of}px")
+        image = pipe.image_processor.resize(source, height, width)
+        image = pipe.image_processor.preprocess(image, height, width)  # [1, 3, H, W] in [-1, 1]
+        c = self.transformer.config.in_channels
+        seq = (height // multiple_of) * (width // multiple_of)
+        dummy = torch.zeros(1, seq, c, device=device, dtype=prompt_embeds.dtype)  # avoids consuming the global RNG
+        _, image_latents, latent_ids, image_ids = pipe.prepare_latents(
+            image, 1, c // 4, height, width, prompt_embeds.dtype, device, None, dummy
+        )
+        f32 = torch.float32
+        return GroupCondition(
+            prompt_embeds=prompt_embeds[0].to(f32),
+            pooled_prompt_embeds=pooled[0].to(f32),
+            text_ids=text_ids.to(f32),
+            image_latents=image_latents[0].to(f32),
+            latent_ids=latent_ids.to(f32),
+            image_ids=image_ids.to(f32),
+            height=height,
+            width=width,
+        )
+
+    def initial_noise(self, cond: GroupCondition, group_size: int, generator: torch.Generator | None) -> torch.Tensor:
+        """x_0 [G, L, C] float32 drawn like the pipeline (randn in [G, C/4, h, w], then packed)."""
+        c = self.transformer.config.in_channels
+        lh, lw = cond.latent_ids[:, 1].max().int().item() + 1, cond.latent_ids[:, 2].max().int().item() + 1
+        noise = torch.randn((group_size, c // 4, 2 * lh, 2 * lw), generator=generator, dtype=torch.float32)
+        noise = noise.view(group_size, c // 4, lh, 2, lw, 2).permute(0, 2, 4, 1, 3, 5)
+        return noise.reshape(group_size, lh * lw, c).to(self.device)
+
+    @torch.no_grad()
+    def sample_group(
+        self,
+        cond: GroupCondition,
+        group_size: int,
+        num_steps: int,
+        noise_level: float,
+        guidance: float,
+        generator: torch.Generator | None = None,
+    ) -> Trajectory:
+        """Sample G SDE trajectories of one condition; ONE batched transformer forward per step."""
+        sigmas = flux_schedule(num_steps, cond.seq_len, self.scheduler_config)  # [N+1]
+        x = self.initial_noise(cond, group_size, generator)  # [G, L, C]
+        xs = [x]
+        lps = []
+        for i in range(num_steps):
+            v = flux_velocity(self.transformer, x, sigmas[i], cond, guidance)
+            x, lp, _, _ = flow_sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, generator=generator)
+            xs.append(x)
+            lps.append(lp)
+        return Trajectory(
+            latents=torch.stack(xs, dim=1).cpu(),  # [G, N+1, L, C]
+            log_probs=torch.stack(lps, dim=1).cpu(),  # [G, N]
+            sigmas=sigmas,
+            noise_level=float(noise_level),
+            guidance=float(guidance),
+        )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, height: int | None = None, width: int | None = None) -> list[Any]:
+        """Packed latents [B, L, C] -> list of PIL images. Size defaults to a square from L."""
+        pipe = self._pipe()
+        m = pipe.vae_scale_factor * 2
+        if height is None or width is None:
+            side = int(round(math.sqrt(latents.shape[1])))
+            height = width = side * m
+        vae = pipe.vae
+        z = pipe._unpack_latents(latents.to(device=self.device, dtype=vae.dtype), height, width, pipe.vae_scale_factor)
+        z = z / vae.config.scaling_factor + vae.config.shift_factor  # [B, C/4, h, w]
+        image = vae.decode(z, return_dict=False)[0]  # [B, 3, H, W] in ~[-1, 1]
+        return pipe.image_processor.postprocess(image, output_type="pil")

@@ -1,0 +1,75 @@
+"""ZeroMQ helpers: hardened sockets and a request/reply client that survives a broker restart.
+
+Failure model: every request carries a ``request_id``; the client resends the *same* message (same ids) after
+``timeout_s`` without a reply, rebuilding its socket so a restarted broker is reached. The broker's handlers are
+idempotent by id, so a resend after a lost reply is harmless. Replies for older requests are discarded.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import zmq
+
+from editrl.common import wire
+
+
+def harden(sock: zmq.Socket, hwm: int = 1000) -> zmq.Socket:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    return sock
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class BrokerClient:
+    """A DEALER connected to the broker's ROUTER, one outstanding request at a time."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, identity: str, timeout_s: float = wire.REQUEST_TIMEOUT_S):
+        self.ctx, self.endpoint, self.identity, self.timeout_s = ctx, endpoint, identity, timeout_s
+        self.sock: zmq.Socket | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.sock = harden(self.ctx.socket(zmq.DEALER))
+        self.sock.setsockopt(zmq.ROUTING_ID, f"{self.identity}-{new_id()[:8]}".encode())
+        self.sock.connect(self.endpoint)
+
+    def request(self, msg: Any, retries: int = -1, should_stop: Any = None) -> Any:
+        """Send ``msg`` and return the decoded reply whose request_id matches. Resends on timeout.
+
+        ``retries=-1`` retries forever (until ``should_stop()`` is true, then raises TimeoutError).
+        """
+        frames = wire.encode(msg)
+        attempt = 0
+        while True:
+            assert self.sock is not None
+            self.sock.send_multipart(frames, copy=False)
+            deadline = time.monotonic() + self.timeout_s
+            while (remaining := deadline - time.monotonic()) > 0:
+                if not self.sock.poll(int(min(remaining, 0.5) * 1000)):
+                    if should_stop is not None and should_stop():
+                        raise TimeoutError("stopped while waiting for the broker")
+                    continue
+                reply = wire.decode(self.sock.recv_multipart(copy=False))
+                if getattr(reply, "request_id", None) == msg.request_id:
+                    return reply
+            attempt += 1
+            if 0 <= retries < attempt:
+                raise TimeoutError(f"no reply from {self.endpoint} after {attempt} attempts")
+            self._connect()  # a restarted broker: fresh socket, same request ids
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None

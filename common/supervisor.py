@@ -1,0 +1,180 @@
+"""``editrl up topo.yaml``: start every process of a topology on this host and supervise them.
+
+Processes: the broker, ``scorers.count`` scorers, ``actors.count`` actors, and the learner under torchrun. Each child
+writes its console output to ``<run_dir>/logs/<role>-<id>.out`` (its structured log is the ``.jsonl`` beside it);
+the learner's progress lines are echoed here. Crashed actors and scorers are restarted (with a back-off); a crashed
+broker is restarted (it recovers everything from LMDB). The run ends when the learner exits (e.g. ``--max-steps``
+reached), on Ctrl-C or SIGTERM: children get SIGTERM, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from editrl.common.config import TopologyConfig
+
+GRACE_S = 10.0
+RESTART_BACKOFF_S = 2.0
+
+
+@dataclass
+class Child:
+    role: str
+    index: int
+    argv: list[str]
+    restart: bool
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    started: float = 0.0
+    log_files: list = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}"
+
+
+def child_env(threads: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    # Thread oversubscription on 2 cores turns 0.5 s into 16 s: every child runs with few threads.
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def plan(cfg: TopologyConfig, config_path: str, max_steps: int | None) -> list[Child]:
+    py = sys.executable
+    children = [Child("broker", 0, [py, "-m", "editrl.broker.main", "--config", config_path], restart=True)]
+    for i in range(cfg.scorers.count):
+        children.append(
+            Child("scorer", i, [py, "-m", "editrl.scorer.main", "--config", config_path, "--id", str(i)], True)
+        )
+    for i in range(cfg.actors.count):
+        children.append(
+            Child("actor", i, [py, "-m", "editrl.actor.main", "--config", config_path, "--id", str(i)], True)
+        )
+    learner = [
+        py, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.learner.nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(cfg.learner.master_port),
+        "-m", "editrl.learner.main", "--config", config_path,
+    ]  # fmt: skip
+    if max_steps is not None:
+        learner += ["--max-steps", str(max_steps)]
+    children.append(Child("learner", 0, learner, restart=False))
+    return children
+
+
+class Supervisor:
+    def __init__(self, cfg: TopologyConfig, config_path: str, max_steps: int | None, log) -> None:  # noqa: ANN001
+        self.cfg, self.log = cfg, log
+        self.children = plan(cfg, config_path, max_steps)
+        self.log_dir = cfg.run_dir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.stopping = False
+
+    def start(self, child: Child) -> None:
+        out = open(self.log_dir / f"{child.name}.out", "ab")  # noqa: SIM115 - owned by the child's lifetime
+        is_learner = child.role == "learner"
+        threads = {"learner": self.cfg.learner.threads, "actor": self.cfg.actors.threads}.get(child.role, 1)
+        child.proc = subprocess.Popen(
+            child.argv,
+            stdout=subprocess.PIPE if is_learner else out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            env=child_env(threads),
+            start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
+        )
+        child.started = time.monotonic()
+        child.log_files.append(out)
+        if is_learner:
+            threading.Thread(target=self._echo, args=(child.proc, out), daemon=True).start()
+        self.log.info("process_started", name=child.name, pid=child.proc.pid)
+
+    @staticmethod
+    def _echo(proc: subprocess.Popen, out) -> None:  # noqa: ANN001
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line.decode(errors="replace"))
+            sys.stdout.flush()
+            out.write(line)
+            out.flush()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        broker, *others = self.children
+        self.start(broker)
+        time.sleep(0.5)
+        for child in others:
+            self.start(child)
+        learner = self.children[-1]
+        code = 0
+        while not self.stopping:
+            time.sleep(0.5)
+            for child in self.children:
+                assert child.proc is not None
+                rc = child.proc.poll()
+                if rc is None:
+                    continue
+                if child is learner:
+                    self.log.info("learner_exited", returncode=rc)
+                    code = rc
+                    self.stopping = True
+                    break
+                self.log.warning("process_exited", name=child.name, returncode=rc, restarts=child.restarts)
+                if child.restart:
+                    if time.monotonic() - child.started < 10:  # crash loop: back off
+                        time.sleep(RESTART_BACKOFF_S)
+                    child.restarts += 1
+                    self.start(child)
+        self.stop_all()
+        return code
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ANN001
+        self.stopping = True
+
+    def stop_all(self) -> None:
+        # Producers first, the broker (the durable state) last.
+        order = [c for c in self.children if c.role in ("actor", "scorer", "learner")] + [self.children[0]]
+        for child in order:
+            if child.proc is not None and child.proc.poll() is None:
+                os.killpg(child.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + GRACE_S
+        for child in order:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(child.proc.pid, signal.SIGKILL)
+                child.proc.wait()
+            for f in child.log_files:
+                f.close()
+        self.log.info("all_stopped")
+
+
+def prepare(cfg: TopologyConfig, log) -> None:  # noqa: ANN001
+    """Build what the topology says may be built locally: the tiny model and the quickstart task set."""
+    if cfg.policy.make_tiny and not (Path(cfg.policy.model) / "model_index.json").exists():
+        from editrl.common.tiny import build_tiny_flux_kontext
+
+        t0 = time.monotonic()
+        build_tiny_flux_kontext(cfg.policy.model, seed=cfg.run.seed)
+        log.info("tiny_model_built", path=cfg.policy.model, seconds=round(time.monotonic() - t0, 1))
+    if cfg.data.make_quickstart is not None and not Path(cfg.data.tasks).exists():
+        from editrl.common.tasks import make_quickstart_tasks
+
+        q = cfg.data.make_quickstart
+        path = make_quickstart_tasks(
+            Path(cfg.data.tasks).parent, n_tasks=q.n_tasks, size=q.size, seed=cfg.run.seed,
+            instructions=q.instructions or None,
+        )  # fmt: skip
+        if Path(path) != Path(cfg.data.tasks):
+            raise SystemExit(f"data.tasks: the quickstart generator writes {path}; point data.tasks there")
+        log.info("quickstart_tasks_written", path=str(path))

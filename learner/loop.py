@@ -1,0 +1,253 @@
+"""The learner's loop: ``sample groups → advantages → Flow-GRPO loss per step → optimizer step → maybe publish``.
+
+Each torchrun rank requests its own complete groups from the broker. The model is the policy transformer with LoRA
+adapters, sharded with FSDP2 (``fully_shard``; gloo on CPU). Every rank runs the same number of forward/backward
+passes per step (zero-variance groups are still run with zero advantage when world size > 1) so the FSDP
+collectives stay aligned.
+
+Exactness: the velocity is recomputed with the whole group in ONE forward, in float32, at the stored latents and
+stored sigmas, exactly as the actor batched it, so with unchanged weights the ratio θ/behave is exactly 1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import zmq
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from editrl.common import wire
+from editrl.common.config import TopologyConfig
+from editrl.common.flow import FluxKontextPolicy, GroupCondition, LoraSpec, flow_sde_step, flux_velocity
+from editrl.common.net import BrokerClient, new_id
+from editrl.common.weights import publish_file
+from editrl.learner.loss import clipped_policy_loss, group_advantages
+
+
+def is_lora_key(name: str) -> bool:
+    return "lora_" in name
+
+
+class Learner:
+    def __init__(self, cfg: TopologyConfig, log: Any, ctx: zmq.Context | None = None) -> None:
+        self.cfg, self.log = cfg, log
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        lcfg = cfg.learner
+        self.groups_per_rank = lcfg.groups_per_step // self.world
+        policy = FluxKontextPolicy.from_pretrained(
+            cfg.policy.model, with_pipeline=False, lora=LoraSpec(rank=cfg.policy.lora.rank, alpha=cfg.policy.lora.alpha)
+        )
+        model = policy.transformer
+        model.eval()  # no dropout: the recomputed log-prob must match the actor's
+        for name, p in model.named_parameters():
+            p.requires_grad_(is_lora_key(name))
+        mesh = init_device_mesh("cpu", (self.world,))
+        for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=lcfg.lr, betas=(0.9, 0.999), weight_decay=lcfg.weight_decay, eps=1e-8
+        )
+        self.step, self.version = 0, 0
+        self.ckpt_dir = cfg.run_dir / "checkpoints"
+        self._resume()
+        self.client = BrokerClient(ctx or zmq.Context(), cfg.broker.endpoint, f"learner-{self.rank}")
+        self.writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(cfg.run_dir / "tb"))
+            self.metrics_file = open(cfg.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.first_reward: float | None = None
+
+    # -- loop --------------------------------------------------------------------------------------------------
+
+    def run(self, should_stop: Any, max_steps: int = 0) -> None:
+        while not should_stop() and not (max_steps and self.step >= max_steps):
+            t0 = time.monotonic()
+            groups, rewards, wait_s = self.sample_batch(should_stop)
+            stats = self.train_step(groups, rewards)
+            self.step += 1
+            if self.step % self.cfg.learner.publish_every == 0:
+                self.publish()
+            if self.step % self.cfg.learner.checkpoint_every == 0:
+                self.checkpoint()
+            stats.update(wait_s=wait_s, step_s=time.monotonic() - t0)
+            self.report(stats)
+
+    def sample_batch(self, should_stop: Any) -> tuple[list[wire.RolloutGroup], list[np.ndarray], float]:
+        """This rank's share of complete groups, none older than ``version - η``."""
+        groups: list[wire.RolloutGroup] = []
+        rewards: list[np.ndarray] = []
+        wait_s = 0.0
+        min_version = self.version - self.cfg.broker.max_staleness
+        while len(groups) < self.groups_per_rank:
+            reply = self.client.request(
+                wire.SampleRequest(new_id(), self.rank, self.groups_per_rank - len(groups), min_version),
+                should_stop=should_stop,
+            )
+            if isinstance(reply, wire.Wait):
+                wait_s += reply.retry_after_s
+                time.sleep(reply.retry_after_s)
+                if should_stop():
+                    raise TimeoutError("stopped while waiting for groups")
+                continue
+            for record, r in zip(reply.groups, reply.rewards, strict=True):
+                groups.append(wire.decode(wire.decode_record(record)))
+                rewards.append(np.asarray(r, dtype=np.float32))
+        return groups, rewards, wait_s
+
+    def train_step(self, groups: list[wire.RolloutGroup], rewards: list[np.ndarray]) -> dict[str, float]:
+        lcfg = self.cfg.learner
+        global_std = torch.tensor(float(np.concatenate(rewards).std())) if lcfg.global_std else None
+        n_micro = sum(g.train_steps for g in groups)
+        agg: dict[str, list[float]] = {"loss": [], "clip_frac": [], "approx_kl": [], "ratio_dev_max": []}
+        zero_var = 0
+        for group, r in zip(groups, rewards, strict=True):
+            adv = group_advantages(torch.from_numpy(r), clip=lcfg.adv_clip_max, global_std=global_std)
+            if not adv.abs().any():
+                zero_var += 1
+                if self.world == 1:
+                    continue  # contributes nothing; multi-rank still runs it to keep collectives aligned
+            for key, value in self.group_loss(group, adv, n_micro).items():
+                agg[key].append(value)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, lcfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        all_r = np.concatenate(rewards)
+        staleness = [self.version - g.policy_version for g in groups]
+        local = {
+            "reward/mean": float(all_r.mean()),
+            "reward/std": float(all_r.std()),
+            "learner/staleness_mean": float(np.mean(staleness)),
+            "learner/staleness_max": float(np.max(staleness)),
+            "learner/zero_variance_groups": float(zero_var),
+            "learner/grad_norm": float(grad_norm),
+        }
+        for key, values in agg.items():
+            local[f"learner/{key}"] = float(np.mean(values)) if values else 0.0
+        return self._all_reduce_mean(local)
+
+    def group_loss(self, group: wire.RolloutGroup, adv: torch.Tensor, n_micro: int) -> dict[str, float]:
+        """Forward/backward over every trained step of one group (whole group per forward)."""
+        cond = GroupCondition.from_arrays(
+            {k: np.array(v) for k, v in group.cond.items()}, height=group.height, width=group.width
+        )
+        latents = torch.from_numpy(np.array(group.latents))  # [G, N+1, L, C] float32
+        behave = torch.from_numpy(np.array(group.log_probs))  # [G, N]
+        sigmas = torch.from_numpy(np.array(group.sigmas))  # [N+1]
+        out: dict[str, list[float]] = {"loss": [], "clip_frac": [], "approx_kl": [], "ratio_dev_max": []}
+        for j in range(group.train_steps):
+            x, x_next = latents[:, j], latents[:, j + 1]
+            v = flux_velocity(self.model, x, float(sigmas[j]), cond, group.guidance)
+            _, log_prob, _, _ = flow_sde_step(
+                x, v, float(sigmas[j]), float(sigmas[j + 1]), group.noise_level, prev_sample=x_next
+            )
+            loss, stats = clipped_policy_loss(log_prob, behave[:, j], adv, self.cfg.learner.clip_range)
+            (loss / n_micro).backward()
+            out["loss"].append(float(loss))
+            for key, value in stats.items():
+                out[key].append(float(value))
+        return {k: float(np.mean(v)) if k != "ratio_dev_max" else float(np.max(v)) for k, v in out.items()}
+
+    def _all_reduce_mean(self, stats: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return stats
+        keys = sorted(stats)
+        t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t.tolist(), strict=True)}
+
+    # -- weights and checkpoints -------------------------------------------------------------------------------
+
+    def publish(self) -> None:
+        """Gather the LoRA weights on rank 0 (collective), write them, announce them through the broker."""
+        t0 = time.monotonic()
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        self.version += 1
+        if self.rank == 0:
+            lora = {k: v for k, v in full.items() if is_lora_key(k)}
+            info = publish_file(self.cfg.run_dir / "weights", self.version, lora, kind="lora")
+            self.client.request(wire.PublishWeights(new_id(), self.step, wire.weights_dict(info)))
+            self.log.info("weights_published", version=self.version, seconds=round(time.monotonic() - t0, 3))
+        dist.barrier()
+
+    def checkpoint(self) -> None:
+        """DCP checkpoint of the trainable parameters, optimizer, step and version (all ranks)."""
+        path = self.ckpt_dir / f"step_{self.step:06d}"
+        opts = StateDictOptions(ignore_frozen_params=True)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        if self.rank == 0:
+            meta = {"step": self.step, "version": self.version, "path": str(path)}
+            tmp = self.ckpt_dir / "latest.json.tmp"
+            tmp.write_text(json.dumps(meta))
+            tmp.replace(self.ckpt_dir / "latest.json")
+            self.log.info("checkpoint_saved", **meta)
+        dist.barrier()
+
+    def _resume(self) -> None:
+        latest = self.ckpt_dir / "latest.json"
+        if not latest.exists():
+            return
+        meta = json.loads(latest.read_text())
+        opts = StateDictOptions(ignore_frozen_params=True)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=meta["path"])
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts
+        )
+        self.step, self.version = int(meta["step"]), int(meta["version"])
+        self.log.info("checkpoint_resumed", step=self.step, version=self.version)
+
+    # -- reporting ---------------------------------------------------------------------------------------------
+
+    def report(self, stats: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        groups_per_s = self.cfg.learner.groups_per_step / max(stats["step_s"], 1e-9)
+        stats["learner/groups_per_s"] = groups_per_s
+        stats["learner/idle_ratio"] = min(1.0, stats["wait_s"] / max(stats["step_s"], 1e-9))
+        if self.first_reward is None:
+            self.first_reward = stats["reward/mean"]
+        assert self.writer is not None
+        for key, value in stats.items():
+            if "/" in key:
+                self.writer.add_scalar(key, value, self.step)
+        self.writer.flush()
+        self.metrics_file.write(json.dumps({"step": self.step, "version": self.version, "time": time.time(), **stats}))
+        self.metrics_file.write("\n")
+        self.metrics_file.flush()
+        print(
+            f"step {self.step:4d} | reward {stats['reward/mean']:.3f} (first {self.first_reward:.3f}) "
+            f"| staleness {stats['learner/staleness_mean']:.2f} | {groups_per_s:.2f} groups/s "
+            f"| clip {stats['learner/clip_frac']:.2f} | v{self.version}",
+            flush=True,
+        )
+        self.log.info(
+            "learner_step", step=self.step, version=self.version, **{k: round(v, 5) for k, v in stats.items()}
+        )
+
+    def close(self) -> None:
+        self.client.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.metrics_file.close()

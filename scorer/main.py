@@ -1,0 +1,114 @@
+"""``editrl scorer --config topo.yaml --id N``: a stateless scoring worker.
+
+Loop: announce READY(capacity) → receive a ScoreJob → decode images → ``backend.score`` → ScoreResult; a heartbeat
+every HEARTBEAT_INTERVAL_S while idle. A job whose images cannot be decoded comes back with every edit unscored (the
+broker requeues it once, then drops it, counted): a score is never invented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="editrl scorer", description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--id", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from editrl.common.config import ConfigError, load_config
+    from editrl.common.log import set_process_title, setup_logging
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"editrl scorer: config error: {exc}", file=sys.stderr)
+        return 2
+    set_process_title(f"editrl::scorer-{args.id}")
+    log = setup_logging("scorer", args.id, cfg.run_dir)
+
+    import zmq
+
+    from editrl.common import wire
+    from editrl.common.net import harden
+    from editrl.scorer.backend import make_backend
+
+    try:
+        backend = make_backend({"backend": cfg.scorers.backend, **cfg.scorers.options})
+    except ValueError as exc:
+        print(f"editrl scorer: scorers.backend: {exc}", file=sys.stderr)
+        return 2
+    worker_id = f"scorer-{args.id}"
+    ctx = zmq.Context()
+    sock = harden(ctx.socket(zmq.DEALER))
+    sock.setsockopt(zmq.ROUTING_ID, worker_id.encode())
+    sock.connect(cfg.broker.endpoint)
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
+
+    sock.send_multipart(wire.encode(wire.ScorerReady(worker_id, cfg.scorers.backend, 1)))
+    last_beat = time.monotonic()
+    n_jobs = 0
+    log.info("scorer_started", backend=cfg.scorers.backend, endpoint=cfg.broker.endpoint)
+    while not stopping:
+        if time.monotonic() - last_beat >= wire.HEARTBEAT_INTERVAL_S:
+            sock.send_multipart(wire.encode(wire.Heartbeat(worker_id)))
+            last_beat = time.monotonic()
+        if not sock.poll(100):
+            continue
+        try:
+            job = wire.decode(sock.recv_multipart(copy=False))
+        except wire.WireError as exc:
+            log.warning("message_rejected", reason=exc.reason)
+            continue
+        if not isinstance(job, wire.ScoreJob):
+            continue
+        t0 = time.monotonic()
+        result = score_job(backend, job, worker_id, log)
+        sock.send_multipart(wire.encode(result))
+        last_beat = time.monotonic()
+        n_jobs += 1
+        log.debug("job_scored", group_id=job.group_id, seconds=round(time.monotonic() - t0, 4), n_jobs=n_jobs)
+    log.info("scorer_stopped", jobs=n_jobs)
+    sock.close(linger=0)
+    return 0
+
+
+def score_job(backend, job, worker_id: str, log):  # noqa: ANN001 - typed in the docstring
+    """ScoreJob → ScoreResult through ``backend``; undecodable images or a backend error → all edits unscored."""
+    from editrl.common import wire
+    from editrl.common.images import from_png
+    from editrl.scorer.backend import ScoreRequest
+
+    n = len(job.edit_pngs)
+    try:
+        request = ScoreRequest(
+            group_id=job.group_id,
+            instruction=job.instruction,
+            task_type=job.task_type,
+            source=from_png(job.source_png),
+            edits=[from_png(p) for p in job.edit_pngs],
+        )
+        scores = backend.score(request)
+        if len(scores) != n:
+            raise ValueError(f"backend returned {len(scores)} scores for {n} edits")
+    except Exception as exc:  # a bad job or a backend failure must not take the worker down
+        log.warning("job_unscored", group_id=job.group_id, error=str(exc)[:200])
+        return wire.ScoreResult(job.job_id, job.group_id, worker_id, [False] * n, [None] * n, [{}] * n, [str(exc)] * n)
+    return wire.ScoreResult(
+        job_id=job.job_id,
+        group_id=job.group_id,
+        worker_id=worker_id,
+        scored=[s.scored for s in scores],
+        overall=[s.overall if s.scored else None for s in scores],
+        sub_scores=[{k: float(v) for k, v in s.sub_scores.items()} for s in scores],
+        reasoning=[s.reasoning for s in scores],
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""Shared pytest fixtures for editrl tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random FLUX.1-Kontext pipeline saved once per session (no download)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    from editrl.common.tiny import build_tiny_flux_kontext
+
+    return build_tiny_flux_kontext(tmp_path_factory.mktemp("tiny_flux_kontext"), seed=0)
