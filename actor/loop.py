@@ -64,7 +64,11 @@ class Actor:
         try:
             state = load_published(info)
             load_lora_state_dict(self.policy.transformer, state)
-        except (ValueError, OSError) as exc:  # keep generating with the current version; retry on the next reply
+        except (
+            ValueError,
+            KeyError,
+            OSError,
+        ) as exc:  # keep generating with the current version; retry on the next reply
             self.log.warning("weights_load_failed", version=info.version, error=str(exc)[:200])
             return
         self.version = info.version

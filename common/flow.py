@@ -297,7 +297,7 @@ def add_lora(transformer: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
     return transformer
 
 
-def _lora_key(name: str) -> str:
+def lora_key(name: str) -> str:
     """Stable key: drop wrapper prefixes and the adapter name ('x.lora_A.default.weight' -> 'x.lora_A.weight')."""
     for prefix in ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
         name = name.replace(prefix, "")
@@ -305,7 +305,7 @@ def _lora_key(name: str) -> str:
 
 
 def _lora_params(transformer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {_lora_key(n): p for n, p in transformer.named_parameters() if "lora_" in n}
+    return {lora_key(n): p for n, p in transformer.named_parameters() if "lora_" in n}
 
 
 def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from torch.distributed.fsdp import fully_shard
 
 from editrl.common import wire
 from editrl.common.config import TopologyConfig
-from editrl.common.flow import FluxKontextPolicy, GroupCondition, LoraSpec, flow_sde_step, flux_velocity
+from editrl.common.flow import FluxKontextPolicy, GroupCondition, LoraSpec, flow_sde_step, flux_velocity, lora_key
 from editrl.common.net import BrokerClient, new_id
 from editrl.common.weights import publish_file
 from editrl.learner.loss import clipped_policy_loss, group_advantages
@@ -183,7 +183,7 @@ class Learner:
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         self.version += 1
         if self.rank == 0:
-            lora = {k: v for k, v in full.items() if is_lora_key(k)}
+            lora = {lora_key(k): v for k, v in full.items() if is_lora_key(k)}
             info = publish_file(self.cfg.run_dir / "weights", self.version, lora, kind="lora")
             self.client.request(wire.PublishWeights(new_id(), self.step, wire.weights_dict(info)))
             self.log.info("weights_published", version=self.version, seconds=round(time.monotonic() - t0, 3))

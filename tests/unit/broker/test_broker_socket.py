@@ -1,0 +1,135 @@
+"""The broker over a real ROUTER socket on 127.0.0.1 with real LMDB, driven by DEALER clients speaking the wire
+protocol (actor, scorer and learner stand-ins: the real processes are exercised in tests/integration)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import structlog
+import zmq
+
+from editrl.broker.server import Broker
+from editrl.broker.store import ReplayStore
+from editrl.common import wire
+from editrl.common.net import harden
+from editrl.common.tasks import Task
+
+TASKS = [Task(f"t{i}", "make it red", (f"/nonexistent/{i}.png",), "color_alter") for i in range(3)]
+
+
+@pytest.fixture
+def broker(tmp_path):
+    ctx = zmq.Context()
+    store = ReplayStore(tmp_path / "replay", capacity=100)
+    b = Broker("tcp://127.0.0.1:0", store, TASKS, groups_per_step=2, max_staleness=1, log=structlog.get_logger(),
+               ctx=ctx)  # fmt: skip
+    stop = threading.Event()
+    thread = threading.Thread(target=b.run, args=(stop.is_set,), daemon=True)
+    thread.start()
+    yield b, ctx
+    stop.set()
+    thread.join(5)
+    b.close()
+    store.close()
+    ctx.destroy(linger=0)
+
+
+def _dealer(ctx, endpoint, name):
+    s = harden(ctx.socket(zmq.DEALER))
+    s.setsockopt(zmq.ROUTING_ID, name.encode())
+    s.connect(endpoint)
+    return s
+
+
+def _ask(sock, msg, timeout_ms=5000):
+    sock.send_multipart(wire.encode(msg))
+    assert sock.poll(timeout_ms), f"no reply to {type(msg).__name__}"
+    return wire.decode(sock.recv_multipart())
+
+
+def _group(lease, gid, version=0):
+    return wire.RolloutGroup(
+        request_id=f"req-{gid}", group_id=gid, lease_id=lease.lease_id, task_id=lease.task_id, actor_id="a0",
+        policy_version=version, instruction=lease.instruction, task_type=lease.task_type, source_png=b"src",
+        edit_pngs=[b"e0", b"e1"], latents=np.zeros((2, 3, 4, 2), np.float32), log_probs=np.zeros((2, 2), np.float32),
+        sigmas=np.array([1.0, 0.5, 0.0], np.float32), cond={"c": np.ones(3, np.float32)}, height=8, width=8,
+        noise_level=0.7, guidance=2.5, train_steps=1,
+    )  # fmt: skip
+
+
+def test_lease_ingest_score_sample_round_trip(broker):
+    b, ctx = broker
+    actor = _dealer(ctx, b.endpoint, "actor")
+    lease = _ask(actor, wire.LeaseRequest("a0", "l1"))
+    assert isinstance(lease, wire.Lease) and lease.task_id == "t0"
+    ack = _ask(actor, _group(lease, "g1"))
+    assert ack.ok and ack.detail == "stored"
+    assert _ask(actor, _group(lease, "g1")).detail == "duplicate"  # resend after a lost ack: stored once
+
+    scorer = _dealer(ctx, b.endpoint, "scorer")
+    job = _ask(scorer, wire.ScorerReady("s0", "metric", 1))
+    assert isinstance(job, wire.ScoreJob) and job.group_id == "g1" and job.edit_pngs == [b"e0", b"e1"]
+    result = wire.ScoreResult(job.job_id, "g1", "s0", [True, True], [2.0, 6.0], [{}, {}], ["", ""])
+    scorer.send_multipart(wire.encode(result))
+    scorer.send_multipart(wire.encode(result))  # a late duplicate result is ignored
+
+    learner = _dealer(ctx, b.endpoint, "learner")
+    deadline = time.monotonic() + 5
+    while True:
+        reply = _ask(learner, wire.SampleRequest("s1", 0, 4, 0))
+        if isinstance(reply, wire.Batch) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert isinstance(reply, wire.Batch) and reply.rewards == [[2.0, 6.0]]
+    assert wire.decode(wire.decode_record(reply.groups[0])).group_id == "g1"
+    assert isinstance(_ask(learner, wire.SampleRequest("s2", 0, 4, 0)), wire.Wait)  # consumed exactly once
+    counters = _ask(learner, wire.StatusRequest("st")).counters
+    assert counters["ingested"] == 1 and counters["duplicate_groups"] == 1 and counters["consumed"] == 1
+    assert counters["duplicate_results"] == 1
+
+
+def test_admission_control_and_weight_announcement(broker):
+    b, ctx = broker
+    actor = _dealer(ctx, b.endpoint, "actor")
+    # (η + 1)·B = 4 leases may be outstanding before the learner consumes anything
+    leases = [_ask(actor, wire.LeaseRequest("a0", f"l{i}")) for i in range(4)]
+    assert all(isinstance(x, wire.Lease) for x in leases)
+    wait = _ask(actor, wire.LeaseRequest("a0", "l5"))
+    assert isinstance(wait, wire.Wait) and wait.reason == "admission"
+    learner = _dealer(ctx, b.endpoint, "learner")
+    info = wire.WeightsInfo(version=1, uri="/tmp/w/v000001", sha256="ab", kind="lora")
+    assert _ask(learner, wire.PublishWeights("p1", 1, wire.weights_dict(info))).ok
+    assert _ask(actor, wire.LeaseRequest("a0", "l6")).weights["version"] == 1
+
+
+def test_malformed_frames_are_counted_and_broker_keeps_serving(broker):
+    b, ctx = broker
+    bad = _dealer(ctx, b.endpoint, "fuzzer")
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        bad.send_multipart([rng.bytes(int(rng.integers(0, 64))) for _ in range(int(rng.integers(1, 4)))])
+    actor = _dealer(ctx, b.endpoint, "actor")
+    assert isinstance(_ask(actor, wire.LeaseRequest("a0", "ok")), wire.Lease)
+    counters = _ask(actor, wire.StatusRequest("st")).counters
+    assert sum(v for k, v in counters.items() if k.startswith("rejected/")) >= 290
+
+
+def test_dead_scorer_job_is_requeued_to_another(broker, monkeypatch):
+    b, ctx = broker
+    monkeypatch.setattr(wire, "SCORER_LIVENESS_S", 0.5)
+    actor = _dealer(ctx, b.endpoint, "actor")
+    lease = _ask(actor, wire.LeaseRequest("a0", "l1"))
+    _ask(actor, _group(lease, "g1"))
+    dead = _dealer(ctx, b.endpoint, "dead")
+    first = _ask(dead, wire.ScorerReady("s-dead", "metric", 1))
+    dead.close(linger=0)  # dies mid-job: no result, no heartbeats
+    alive = _dealer(ctx, b.endpoint, "alive")
+    alive.send_multipart(wire.encode(wire.ScorerReady("s-alive", "metric", 1)))
+    deadline = time.monotonic() + 5
+    job = None
+    while time.monotonic() < deadline and job is None:
+        alive.send_multipart(wire.encode(wire.Heartbeat("s-alive")))
+        if alive.poll(200):
+            job = wire.decode(alive.recv_multipart())
+    assert job is not None and job.group_id == "g1" and job.job_id != first.job_id

@@ -1,0 +1,122 @@
+"""The wire decoder accepts exactly what the encoder produces and rejects everything else with a reason."""
+
+import msgpack
+import numpy as np
+import pytest
+
+from editrl.common import wire
+
+
+def _group(**over):
+    fields = dict(
+        request_id="r1", group_id="g1", lease_id="l1", task_id="t1", actor_id="actor-0", policy_version=3,
+        instruction="make it red", task_type="color_alter", source_png=b"\x89PNGsrc", edit_pngs=[b"e0", b"e1"],
+        latents=np.arange(2 * 5 * 4 * 3, dtype=np.float32).reshape(2, 5, 4, 3),
+        log_probs=np.zeros((2, 4), np.float32), sigmas=np.linspace(1, 0, 5, dtype=np.float32),
+        cond={"prompt_embeds": np.ones((7, 8), np.float32)}, height=64, width=64, noise_level=0.7, guidance=2.5,
+        train_steps=3,
+    )  # fmt: skip
+    fields.update(over)
+    return wire.RolloutGroup(**fields)
+
+
+def _frames(msg):
+    return [bytes(f) for f in wire.encode(msg)]
+
+
+def test_round_trip_preserves_every_field():
+    msg = _group()
+    out = wire.decode(_frames(msg))
+    assert out.group_id == "g1" and out.policy_version == 3 and out.edit_pngs == [b"e0", b"e1"]
+    np.testing.assert_array_equal(out.latents, msg.latents)
+    assert out.latents.dtype == np.float32 and out.cond["prompt_embeds"].shape == (7, 8)
+
+
+def test_record_round_trip():
+    frames = wire.encode(_group())
+    out = wire.decode(wire.decode_record(wire.encode_record(frames)))
+    assert out.sigmas[0] == 1.0
+
+
+def _meta(frames):
+    return msgpack.unpackb(frames[0], raw=False)
+
+
+def _with_meta(frames, meta):
+    return [msgpack.packb(meta, use_bin_type=True), *frames[1:]]
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda f: f[:-1], "bad_frame_ref"),  # truncated: a referenced frame is missing
+        (lambda f: [f[0][:-3], *f[1:]], "bad_msgpack"),  # truncated metadata
+        (lambda f: [b"\xc1garbage", *f[1:]], "bad_msgpack"),
+        (lambda f: [*f, b"extra"], "frame_count"),
+        (lambda f: [], "empty"),
+    ],
+)
+def test_rejects_truncated_and_garbage(mutate, reason):
+    with pytest.raises(wire.WireError) as exc:
+        wire.decode(mutate(_frames(_group())))
+    assert exc.value.reason == reason
+
+
+def test_rejects_unknown_and_missing_fields_and_wrong_types():
+    frames = _frames(_group())
+    meta = _meta(frames)
+    meta["fields"]["surprise"] = 1
+    with pytest.raises(wire.WireError, match="unknown_field"):
+        wire.decode(_with_meta(frames, meta))
+    meta = _meta(frames)
+    del meta["fields"]["height"]
+    with pytest.raises(wire.WireError, match="missing_field"):
+        wire.decode(_with_meta(frames, meta))
+    meta = _meta(frames)
+    meta["fields"]["height"] = "64"
+    with pytest.raises(wire.WireError, match="wrong_type"):
+        wire.decode(_with_meta(frames, meta))
+    meta = _meta(frames)
+    meta["fields"]["noise_level"] = float("nan")
+    with pytest.raises(wire.WireError, match="non_finite"):
+        wire.decode(_with_meta(frames, meta))
+
+
+def test_rejects_shape_mismatch_bad_dtype_and_version():
+    frames = _frames(_group())
+    meta = _meta(frames)
+    meta["fields"]["latents"]["shape"] = [2, 5, 4, 4]
+    with pytest.raises(wire.WireError, match="shape_mismatch"):
+        wire.decode(_with_meta(frames, meta))
+    meta = _meta(frames)
+    meta["fields"]["latents"]["dtype"] = "object"
+    with pytest.raises(wire.WireError, match="bad_dtype"):
+        wire.decode(_with_meta(frames, meta))
+    meta = _meta(frames)
+    meta["proto"] = wire.PROTOCOL_VERSION + 1
+    with pytest.raises(wire.WireError, match="bad_protocol_version"):
+        wire.decode(_with_meta(frames, meta))
+
+
+def test_rejects_non_finite_arrays_and_ext_types():
+    bad = _group(log_probs=np.array([[np.inf, 0, 0, 0], [0, 0, 0, 0]], np.float32))
+    with pytest.raises(wire.WireError, match="non_finite"):
+        wire.decode(_frames(bad))
+    ext = msgpack.packb({"proto": 1, "type": "Heartbeat", "fields": {"worker_id": msgpack.ExtType(1, b"x")}})
+    with pytest.raises(wire.WireError, match="ext_type"):
+        wire.decode([ext])
+
+
+def test_rejects_oversized_frames():
+    frames = _frames(wire.Heartbeat("w"))
+    with pytest.raises(wire.WireError, match="meta_too_large"):
+        wire.decode([b"\x00" * (wire.MAX_META_BYTES + 1)])
+    big = memoryview(bytearray(wire.MAX_FRAME_BYTES + 1))
+    with pytest.raises(wire.WireError, match="frame_too_large"):
+        wire.decode([frames[0], big])
+
+
+def test_unknown_type_rejected():
+    meta = msgpack.packb({"proto": 1, "type": "Pickle", "fields": {}})
+    with pytest.raises(wire.WireError, match="unknown_type"):
+        wire.decode([meta])
