@@ -1,0 +1,23 @@
+# Two entry points: `make demo` (set up + run the quickstart) and `make test` (set up + run the tests).
+PYTHON ?= python3
+DEMO_STEPS ?= 300
+
+.PHONY: setup demo test bench lint
+
+# torch first, pinned to the local CPU build, so nothing below resolves an unpinned torch to a multi-GB CUDA wheel.
+setup:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==2.13.0"
+	$(PYTHON) -m pip install -q -e ".[test]"
+
+demo: setup
+	$(PYTHON) -m editrl.common.cli up configs/quickstart.yaml --max-steps $(DEMO_STEPS)
+	$(PYTHON) scripts/summarize_run.py runs/quickstart
+
+test: setup
+	$(PYTHON) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PYTHON) -m bench.bench_broker
+
+lint:
+	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .

@@ -1,0 +1,80 @@
+"""Topology files: every shipped config parses; bad files fail at load time naming the dotted field path."""
+
+from pathlib import Path
+
+import pytest
+
+from editrl.common.config import ConfigError, load_config, parse_config
+
+CONFIGS = sorted((Path(__file__).parents[3] / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+    cfg = load_config(path)
+    assert Path(cfg.policy.model).is_absolute() and Path(cfg.data.tasks).is_absolute()
+    assert cfg.broker.endpoint.startswith("tcp://127.0.0.1")
+
+
+BASE = {"policy": {"model": "/m"}, "data": {"tasks": "/t.jsonl"}}
+
+
+@pytest.mark.parametrize(
+    "patch, path",
+    [
+        ({"learner": {"lr": "fast"}}, "learner.lr"),
+        ({"learner": {"surprise": 1}}, "learner.surprise"),
+        ({"policy": {"model": "/m", "sampler": {"num_steps": 1}}}, "policy.sampler.num_steps"),
+        ({"policy": {"model": "/m", "lora": {"rank": 0}}}, "policy.lora.rank"),
+        ({"data": {"tasks": "/t.jsonl", "group_size": 1}}, "data.group_size"),
+        ({"policy": {"model": "/m", "family": "gan"}}, "policy.family"),
+        ({"broker": {"endpoint": "http://x"}}, "broker.endpoint"),
+        ({"actors": []}, "actors"),
+        ({"learner": {"nproc": 2, "groups_per_step": 3}}, "learner.groups_per_step"),
+    ],
+)
+def test_errors_name_the_dotted_path(patch, path):
+    raw = {**BASE, **patch}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(raw)
+    assert str(exc.value).startswith(path)
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_scientific_notation_and_relative_paths(tmp_path):
+    (tmp_path / "topo.yaml").write_text(
+        "policy: {model: ./m}\ndata: {tasks: d/t.jsonl}\nlearner: {lr: 1e-4}\nrun: {dir: runs/x}\n"
+    )
+    cfg = load_config(tmp_path / "topo.yaml")
+    assert cfg.learner.lr == 1e-4
+    assert cfg.policy.model == str((tmp_path / "m").resolve()) and cfg.run_dir == (tmp_path / "runs/x").resolve()
+
+
+def test_hub_ids_are_not_turned_into_paths():
+    cfg = parse_config({"policy": {"model": "black-forest-labs/FLUX.1-Kontext-dev"}, "data": {"tasks": "/t"}})
+    assert cfg.policy.model == "black-forest-labs/FLUX.1-Kontext-dev"
+
+
+def test_cli_exits_at_start_up_naming_the_field(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "topo.yaml").write_text("policy: {model: /m}\ndata: {tasks: /t}\nlearner: {lr: fast}\n")
+    for role in ("broker", "actor", "scorer", "learner"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "editrl.common.cli", role, "--config", str(tmp_path / "topo.yaml")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 2 and "learner.lr" in proc.stderr, (role, proc.stderr)
