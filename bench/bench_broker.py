@@ -355,19 +355,29 @@ def bench_replay(n: int, payload_kib: int, insert_batch: int, sample_batch: int)
     info = {"version": 0, "task_id": "t0", "task_type": "color_alter", "instruction": "make it red",
             "actor_id": "bench-actor", "group_size": GROUP_SIZE, "t_insert": 0.0}  # fmt: skip
     scores = {"sub_scores": [{"q": 1.0}] * GROUP_SIZE, "reasoning": [""] * GROUP_SIZE, "worker_id": "w"}
-    secs = dict.fromkeys(("raw_insert", "raw_sample", "store_insert", "store_mark_scored", "store_take_ready"), 0.0)
+    secs = dict.fromkeys(
+        ("raw_insert", "raw_sample", "raw_pop", "store_insert", "store_mark_scored", "store_take_ready"), 0.0
+    )
     env = store = None
     try:
         # raw LMDB with the same env flags as ReplayStore
         env = lmdb.open(str(Path(tmp) / "raw"), map_size=map_size, max_dbs=1, sync=True, metasync=True,
                         writemap=False, lock=True, subdir=True)  # fmt: skip
+        env_pop = lmdb.open(str(Path(tmp) / "raw_pop"), map_size=map_size, max_dbs=1, sync=True, metasync=True,
+                            writemap=False, lock=True, subdir=True)  # fmt: skip
         db = env.open_db(b"groups")
+        db_pop = env_pop.open_db(b"groups")
         store = ReplayStore(Path(tmp) / "store", capacity=n + 1, map_size_bytes=map_size)
 
         def raw_insert(i: int) -> None:
             with env.begin(write=True) as txn:
                 for key in keys[i : i + insert_batch]:
                     txn.put(key, record, db=db, overwrite=False)
+
+        for i in range(0, n, insert_batch):  # untimed: a separate copy for the durable-pop baseline (cold pages)
+            with env_pop.begin(write=True) as txn:
+                for key in keys[i : i + insert_batch]:
+                    txn.put(key, record, db=db_pop)
 
         def store_insert(i: int) -> None:
             assert all(store.insert_groups([(gid, record, info) for gid in ids[i : i + insert_batch]]))
@@ -387,23 +397,36 @@ def bench_replay(n: int, payload_kib: int, insert_batch: int, sample_batch: int)
 
         raw_got = store_got = taken = 0
         for b, i in enumerate(range(0, n, sample_batch)):
-            for step in range(2):
-                if (step == 0) == (b % 2 == 0):
-                    t = time.perf_counter()
-                    with env.begin() as txn:
-                        for key in keys[i : i + sample_batch]:
-                            raw_got += len(bytes(txn.get(key, db=db)))
-                    secs["raw_sample"] += time.perf_counter() - t
-                else:
-                    t = time.perf_counter()
-                    batch, _ = store.take_ready(sample_batch, 0)
-                    secs["store_take_ready"] += time.perf_counter() - t
-                    taken += len(batch)
-                    store_got += sum(len(rec) for _, rec, _ in batch)
+            batch_keys = keys[i : i + sample_batch]
+            t = time.perf_counter()
+            with env.begin() as txn:  # raw read-only get (the page cache; no durability)
+                for key in batch_keys:
+                    raw_got += len(bytes(txn.get(key, db=db)))
+            secs["raw_sample"] += time.perf_counter() - t
+
+            def raw_pop(batch_keys: list[bytes] = batch_keys) -> None:
+                # the least a durable consumer queue must do: get + delete in one fsync'd write transaction
+                with env_pop.begin(write=True) as txn:
+                    for key in batch_keys:
+                        bytes(txn.get(key, db=db_pop))
+                        txn.delete(key, db=db_pop)
+
+            def store_pop() -> None:
+                nonlocal taken, store_got
+                batch, _ = store.take_ready(sample_batch, 0)
+                taken += len(batch)
+                store_got += sum(len(rec) for _, rec, _ in batch)
+
+            order = (("raw_pop", raw_pop), ("store_take_ready", store_pop))
+            for name, fn in order if b % 2 == 0 else order[::-1]:
+                t = time.perf_counter()
+                fn()
+                secs[name] += time.perf_counter() - t
         assert taken == n, f"take_ready returned {taken}/{n}"
     finally:
         if env is not None:
             env.close()
+            env_pop.close()
         if store is not None:
             store.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -411,6 +434,7 @@ def bench_replay(n: int, payload_kib: int, insert_batch: int, sample_batch: int)
     out["raw_insert"] = _rate(n, n * rec_bytes, secs["raw_insert"])
     out["store_insert"] = _rate(n, n * rec_bytes, secs["store_insert"])
     out["raw_sample"] = _rate(n, raw_got, secs["raw_sample"])
+    out["raw_pop"] = _rate(n, raw_got, secs["raw_pop"])
     out["store_take_ready"] = _rate(n, store_got, secs["store_take_ready"])
     out["store_mark_scored"] = _rate(n, 0, secs["store_mark_scored"])
     out["store_score_and_sample"] = _rate(n, store_got, secs["store_mark_scored"] + secs["store_take_ready"])
@@ -479,12 +503,14 @@ def main(argv: list[str] | None = None) -> int:
     raw_mib, broker_mib = med(raw_runs, "mib_s"), med(broker_runs, "mib_s")
     e2e_ratio = broker_mib / raw_mib
     rp: dict[str, dict[str, float]] = {}
-    for key in ("raw_insert", "raw_sample", "store_insert", "store_mark_scored", "store_take_ready",
+    for key in ("raw_insert", "raw_sample", "raw_pop", "store_insert", "store_mark_scored", "store_take_ready",
                 "store_score_and_sample"):  # fmt: skip
         rp[key] = {"records_s": med(replay_runs, key, "records_s"), "mib_s": med(replay_runs, key, "mib_s")}
     insert_ratio = rp["store_insert"]["mib_s"] / rp["raw_insert"]["mib_s"]
     sample_ratio = rp["store_take_ready"]["mib_s"] / rp["raw_sample"]["mib_s"]
     score_sample_ratio = rp["store_score_and_sample"]["mib_s"] / rp["raw_sample"]["mib_s"]
+    durable_sample_ratio = rp["store_take_ready"]["mib_s"] / rp["raw_pop"]["mib_s"]
+    durable_e2e_ratio = broker_mib / rp["raw_insert"]["mib_s"]
 
     payload_mib = args.payload_kib / 1024
     print(f"\nbroker bench: {n_groups} groups x {payload_mib:g} MiB latents (e2e), {n_records} records "
@@ -499,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         ("replay sample raw lmdb get", rp["raw_sample"]["records_s"], rp["raw_sample"]["mib_s"], ""),
         ("replay sample take_ready", rp["store_take_ready"]["records_s"], rp["store_take_ready"]["mib_s"],
          f"{sample_ratio:.2f}"),
+        ("replay durable pop raw lmdb", rp["raw_pop"]["records_s"], rp["raw_pop"]["mib_s"], ""),
+        ("replay take_ready vs durable pop", rp["store_take_ready"]["records_s"], rp["store_take_ready"]["mib_s"],
+         f"{durable_sample_ratio:.2f}"),
         ("replay mark_scored (1 txn/group)", rp["store_mark_scored"]["records_s"], 0.0, ""),
         ("replay mark_scored+take_ready", rp["store_score_and_sample"]["records_s"],
          rp["store_score_and_sample"]["mib_s"], f"{score_sample_ratio:.2f}"),
@@ -508,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<36}{rec_s:>12.1f}{mib_s:>10.1f}{ratio:>8}")
     ceiling = rp["raw_insert"]["mib_s"] / raw_mib
     print(f"e2e ceiling if the broker only did the fsync'd LMDB insert: raw lmdb insert / raw zmq = {ceiling:.2f}")
+    print(f"e2e broker / raw fsync'd LMDB insert (the durable ceiling) = {durable_e2e_ratio:.2f}")
     b0 = broker_runs[len(broker_runs) // 2]
     print(f"e2e details (one run): ack latency median {b0['ack_latency_ms_median']:.1f} ms, {b0['batches']} batches, "
           f"{b0['sample_waits']} learner waits, counters {b0['counters']}")  # fmt: skip
@@ -518,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         "replay_sample_ratio": sample_ratio,
         "replay_score_and_sample_ratio": score_sample_ratio,
         "e2e_durable_insert_ceiling": ceiling,
+        "e2e_vs_durable_ceiling": durable_e2e_ratio,
+        "replay_sample_vs_durable_pop_ratio": durable_sample_ratio,
         "e2e": {"raw_mib_s": raw_mib, "broker_mib_s": broker_mib, "raw_runs": raw_runs, "broker_runs": broker_runs},
         "replay": {**rp, "runs": replay_runs},
         "config": {"groups": n_groups, "replay_records": n_records, "repeats": repeats, "payload_kib": args.payload_kib,
@@ -540,7 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nRESULT e2e_ratio={e2e_ratio:.2f} (target >= {E2E_TARGET}) broker_mib_s={broker_mib:.1f} "
           f"raw_zmq_mib_s={raw_mib:.1f}")  # fmt: skip
     print(f"RESULT replay_insert_ratio={insert_ratio:.2f} replay_sample_ratio={sample_ratio:.2f} "
-          f"(target >= {REPLAY_TARGET}) replay_score_and_sample_ratio={score_sample_ratio:.2f}")  # fmt: skip
+          f"(target >= {REPLAY_TARGET}) replay_score_and_sample_ratio={score_sample_ratio:.2f} "
+          f"replay_sample_vs_durable_pop={durable_sample_ratio:.2f}")  # fmt: skip
+    print(f"RESULT e2e_vs_durable_ceiling={durable_e2e_ratio:.2f} durable_ceiling={ceiling:.2f}")
     return 0
 
 

@@ -35,6 +35,38 @@ DRAIN_BATCH = 256  # messages handled per loop turn before committing
 
 
 @dataclass
+class Turn:
+    """What one loop turn collected; everything durable in it is applied in one transaction."""
+
+    size: int = 0
+    groups: list[tuple[bytes, wire.RolloutGroup]] = field(default_factory=list)
+    scored: list[tuple[str, list[float], dict[str, Any]]] = field(default_factory=list)
+    unscorable: list[tuple[str, str]] = field(default_factory=list)
+    samples: list[tuple[bytes, wire.SampleRequest]] = field(default_factory=list)
+    leases: list[tuple[bytes, wire.LeaseRequest]] = field(default_factory=list)
+
+    def has_writes(self) -> bool:
+        return bool(self.groups or self.scored or self.unscorable or self.samples or self.leases)
+
+
+def _group_info(g: wire.RolloutGroup) -> dict[str, Any]:
+    """Small per-group metadata kept in the status table (inspection without decoding the record)."""
+    return {
+        "version": g.policy_version,
+        "task_id": g.task_id,
+        "task_type": g.task_type,
+        "instruction": g.instruction,
+        "actor_id": g.actor_id,
+        "group_size": len(g.edit_pngs),
+        "t_insert": time.time(),
+    }
+
+
+def _job_payload(g: wire.RolloutGroup) -> tuple[str, str, bytes, list[bytes]]:
+    return (g.instruction, g.task_type, g.source_png, g.edit_pngs)
+
+
+@dataclass
 class Worker:
     identity: bytes
     worker_id: str
@@ -91,6 +123,8 @@ class Broker:
             wire.WeightsInfo(version=0, uri="", sha256="", kind="lora")
         )
         self.gauges: collections.Counter[str] = collections.Counter()  # process-lifetime counters (not durable)
+        self.durable: dict[str, int] = store.counters()  # the LMDB counters as of the last commit
+        self.payloads: dict[str, tuple[str, str, bytes, list[bytes]]] = {}  # ScoreJob fields of pending groups
         self._logged_reasons: set[str] = set()
         self.log.info(
             "broker_started", endpoint=self.endpoint, pending=len(self.queue), weights=self.weights["version"]
@@ -103,28 +137,97 @@ class Broker:
             self.step(timeout_ms=100)
 
     def step(self, timeout_ms: int = 100) -> None:
-        """One loop turn: handle what arrived, commit, answer, dispatch, check deadlines."""
-        inbox: list[tuple[bytes, Any]] = []
+        """One loop turn: drain what arrived, apply every durable change in ONE transaction, then answer.
+
+        Replies that depend on durable state (acks, leases, batches) are sent only after the commit.
+        """
+        turn = Turn()
         if self.sock.poll(timeout_ms):
-            while len(inbox) < DRAIN_BATCH:
+            while turn.size < DRAIN_BATCH:
                 try:
                     frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
                 identity, payload = frames[0].bytes, frames[1:]
                 try:
-                    inbox.append((identity, wire.decode(payload)))
+                    msg = wire.decode(payload)
                 except wire.WireError as exc:
                     self._reject(identity, exc)
-        groups = [(ident, msg) for ident, msg in inbox if isinstance(msg, wire.RolloutGroup)]
-        if groups:
-            self._ingest(groups)
-        for identity, msg in inbox:
-            if not isinstance(msg, wire.RolloutGroup):
-                self._handle(identity, msg)
+                    continue
+                turn.size += 1
+                self._classify(identity, msg, turn)
+        if turn.has_writes():
+            self._commit(turn)
         self._check_workers()
         self._dispatch()
         self._expire_leases()
+
+    def _classify(self, identity: bytes, msg: Any, turn: Turn) -> None:
+        if isinstance(msg, wire.RolloutGroup):
+            turn.groups.append((identity, msg))
+        elif isinstance(msg, wire.ScoreResult):
+            self._on_result(identity, msg, turn)
+        elif isinstance(msg, wire.SampleRequest):
+            turn.samples.append((identity, msg))
+        elif isinstance(msg, wire.LeaseRequest):
+            if self.admission_open(extra=len(turn.leases)):
+                turn.leases.append((identity, msg))
+            else:
+                self.gauges["lease_waits"] += 1
+                self._send(identity, wire.Wait(msg.request_id, 0.2, "admission", self.weights))
+        elif isinstance(msg, wire.ScorerReady | wire.Heartbeat):
+            self._on_worker(identity, msg)
+        elif isinstance(msg, wire.PublishWeights):
+            self._on_publish(identity, msg)
+        elif isinstance(msg, wire.SkipTask):
+            self._on_skip(identity, msg)
+        elif isinstance(msg, wire.StatusRequest):
+            self._send(identity, wire.Status(msg.request_id, self.counters(), self.weights))
+        else:
+            self._reject(identity, wire.WireError("unexpected_type", type(msg).__name__))
+
+    def _commit(self, turn: Turn) -> None:
+        inserts = [(g.group_id, wire.encode_record(wire.encode(g)), _group_info(g)) for _, g in turn.groups]
+        retry = [self.retry_tasks.popleft() for _ in range(min(len(turn.leases), len(self.retry_tasks)))]
+        result = self.store.commit_turn(
+            inserts=inserts,
+            scored=turn.scored,
+            unscorable=turn.unscorable,
+            samples=[(max(0, m.max_groups), m.min_version) for _, m in turn.samples],
+            leases=len(turn.leases) - len(retry),
+            n_tasks=len(self.tasks),
+        )  # committed (fsync) before any reply below
+        self.durable = result.counters
+        for (identity, g), is_new in zip(turn.groups, result.inserted, strict=True):
+            self.leases.pop(g.lease_id, None)
+            if is_new:
+                self.queue.append(g.group_id)
+                self.payloads[g.group_id] = _job_payload(g)
+            else:
+                self.log.info("replay_insert_duplicate", group_id=g.group_id)
+            self._send(identity, wire.Ack(g.request_id, True, "stored" if is_new else "duplicate", self.weights))
+        for (group_id, _, _), ok in zip(turn.scored, result.scored, strict=True):
+            self.payloads.pop(group_id, None)
+            if ok:
+                self.gauges["results"] += 1
+            else:
+                self.gauges["duplicate_results"] += 1
+                self.log.info("score_result_duplicate", group_id=group_id)
+        for (group_id, _), ok in zip(turn.unscorable, result.dropped, strict=True):
+            self.payloads.pop(group_id, None)
+            if ok:
+                self.log.warning("group_dropped_unscorable", group_id=group_id)
+        for (identity, req), (taken, stale) in zip(turn.samples, result.samples, strict=True):
+            if stale:
+                self.log.info("groups_dropped_stale", count=stale, min_version=req.min_version)
+            if taken:
+                batch = wire.Batch(req.request_id, [rec for _, rec, _ in taken], [r for _, _, r in taken], stale)
+                self._send(identity, batch)
+            else:
+                self._send(identity, wire.Wait(req.request_id, 0.1, "replay_empty", self.weights))
+        cursors = retry + [c % len(self.tasks) for c in result.task_indices]
+        for (identity, req), index in zip(turn.leases, cursors, strict=True):
+            self._grant_lease(identity, req, index)
 
     def _reject(self, identity: bytes, exc: wire.WireError) -> None:
         self.gauges[f"rejected/{exc.reason}"] += 1
@@ -139,41 +242,15 @@ class Broker:
             self.gauges["send_failed"] += 1
             self.log.debug("reply_undeliverable", error=str(exc))
 
-    def _handle(self, identity: bytes, msg: Any) -> None:
-        if isinstance(msg, wire.LeaseRequest):
-            self._on_lease_request(identity, msg)
-        elif isinstance(msg, wire.ScorerReady | wire.Heartbeat):
-            self._on_worker(identity, msg)
-        elif isinstance(msg, wire.ScoreResult):
-            self._on_result(identity, msg)
-        elif isinstance(msg, wire.SampleRequest):
-            self._on_sample(identity, msg)
-        elif isinstance(msg, wire.PublishWeights):
-            self._on_publish(identity, msg)
-        elif isinstance(msg, wire.SkipTask):
-            self._on_skip(identity, msg)
-        elif isinstance(msg, wire.StatusRequest):
-            self._send(identity, wire.Status(msg.request_id, self.counters(), self.weights))
-        else:
-            self._reject(identity, wire.WireError("unexpected_type", type(msg).__name__))
-
     # -- actors ------------------------------------------------------------------------------------------------
 
-    def admission_open(self) -> bool:
-        c = self.store.counters()
+    def admission_open(self, extra: int = 0) -> bool:
+        c = self.durable
         dropped = c["dropped_stale"] + c["dropped_unscorable"] + c["evicted_unconsumed"]
         budget = c["consumed"] + dropped + (self.max_staleness + 1) * self.groups_per_step
-        return c["ingested"] + len(self.leases) < budget
+        return c["ingested"] + len(self.leases) + extra < budget
 
-    def _on_lease_request(self, identity: bytes, msg: wire.LeaseRequest) -> None:
-        if not self.admission_open():
-            self.gauges["lease_waits"] += 1
-            self._send(identity, wire.Wait(msg.request_id, 0.2, "admission", self.weights))
-            return
-        if self.retry_tasks:
-            index = self.retry_tasks.popleft()
-        else:
-            index, _epoch = self.store.next_task(len(self.tasks))
+    def _grant_lease(self, identity: bytes, msg: wire.LeaseRequest, index: int) -> None:
         task = self.tasks[index]
         lease_id = new_id()
         self.leases[lease_id] = LeaseEntry(index, msg.actor_id, time.monotonic() + self.lease_timeout_s)
@@ -189,28 +266,6 @@ class Broker:
                 weights=self.weights,
             ),
         )
-
-    def _ingest(self, groups: list[tuple[bytes, wire.RolloutGroup]]) -> None:
-        items = []
-        for _, g in groups:
-            info = {
-                "version": g.policy_version,
-                "task_id": g.task_id,
-                "task_type": g.task_type,
-                "instruction": g.instruction,
-                "actor_id": g.actor_id,
-                "group_size": len(g.edit_pngs),
-                "t_insert": time.time(),
-            }
-            items.append((g.group_id, wire.encode_record(wire.encode(g)), info))
-        stored = self.store.insert_groups(items)  # committed (fsync) before any ack below
-        for (identity, g), is_new in zip(groups, stored, strict=True):
-            self.leases.pop(g.lease_id, None)
-            if is_new:
-                self.queue.append(g.group_id)
-            else:
-                self.log.info("replay_insert_duplicate", group_id=g.group_id)
-            self._send(identity, wire.Ack(g.request_id, True, "stored" if is_new else "duplicate", self.weights))
 
     def _on_skip(self, identity: bytes, msg: wire.SkipTask) -> None:
         self.leases.pop(msg.lease_id, None)
@@ -237,7 +292,7 @@ class Broker:
             self.log.info("scorer_joined", worker_id=msg.worker_id, capacity=worker.capacity)
         worker.last_seen = time.monotonic()
 
-    def _on_result(self, identity: bytes, msg: wire.ScoreResult) -> None:
+    def _on_result(self, identity: bytes, msg: wire.ScoreResult, turn: Turn) -> None:
         job = self.jobs.pop(msg.job_id, None)
         worker = self.workers.get(identity)
         if worker is not None:
@@ -246,24 +301,20 @@ class Broker:
         if job is None and msg.group_id in self.queue:
             self.queue.remove(msg.group_id)  # a late result for a requeued, not yet re-dispatched group: use it
         if not all(msg.scored) or any(o is None for o in msg.overall):
-            self._unscored(msg.group_id)
+            self._unscored(msg.group_id, turn)
             return
         scores = {"sub_scores": msg.sub_scores, "reasoning": msg.reasoning, "worker_id": msg.worker_id}
-        if self.store.mark_scored(msg.group_id, [float(o) for o in msg.overall], scores):
-            self.gauges["results"] += 1
-        else:
-            self.gauges["duplicate_results"] += 1
-            self.log.info("score_result_duplicate", group_id=msg.group_id, worker_id=msg.worker_id)
+        turn.scored.append((msg.group_id, [float(o) for o in msg.overall], scores))
 
-    def _unscored(self, group_id: str) -> None:
+    def _unscored(self, group_id: str, turn: Turn) -> None:
         """Some edit could not be scored: requeue the group once, then drop it (counted). Never invent a score."""
         self.requeues[group_id] += 1
         if self.requeues[group_id] <= 1:
             self.gauges["unscored_requeued"] += 1
             self.log.warning("score_requeued", group_id=group_id, reason="unscored")
             self.queue.append(group_id)
-        elif self.store.mark_unscorable(group_id, "unscored after retry"):
-            self.log.warning("group_dropped_unscorable", group_id=group_id)
+        else:
+            turn.unscorable.append((group_id, "unscored after retry"))
 
     def _check_workers(self) -> None:
         now = time.monotonic()
@@ -291,34 +342,25 @@ class Broker:
         for worker in self.workers.values():
             while self.queue and len(worker.jobs) < worker.capacity:
                 group_id = self.queue.popleft()
-                record = self.store.get_record(group_id)
-                status = self.store.get_status(group_id)
-                if record is None or status is None or status["state"] != "pending":
-                    continue
-                group = wire.decode(wire.decode_record(record))
+                payload = self.payloads.get(group_id) or self._load_payload(group_id)
+                if payload is None:
+                    continue  # no longer pending (scored by a late result, or dropped)
                 job = Job(new_id(), group_id, worker.identity, time.monotonic() + self.score_deadline_s)
                 self.jobs[job.job_id] = job
                 worker.jobs.add(job.job_id)
-                self._send(
-                    worker.identity,
-                    wire.ScoreJob(
-                        job.job_id, group_id, group.instruction, group.task_type, group.source_png, group.edit_pngs
-                    ),
-                )
+                self._send(worker.identity, wire.ScoreJob(job.job_id, group_id, *payload))
+
+    def _load_payload(self, group_id: str) -> tuple[str, str, bytes, list[bytes]] | None:
+        """The ScoreJob fields of a pending group, from LMDB (after a restart; normally kept in memory)."""
+        status = self.store.get_status(group_id)
+        record = self.store.get_record(group_id)
+        if status is None or record is None or status["state"] != "pending":
+            return None
+        payload = _job_payload(wire.decode(wire.decode_record(record)))
+        self.payloads[group_id] = payload
+        return payload
 
     # -- learners ----------------------------------------------------------------------------------------------
-
-    def _on_sample(self, identity: bytes, msg: wire.SampleRequest) -> None:
-        taken, stale = self.store.take_ready(max(0, msg.max_groups), msg.min_version)
-        if stale:
-            self.log.info("groups_dropped_stale", count=stale, min_version=msg.min_version)
-        if not taken:
-            self._send(identity, wire.Wait(msg.request_id, 0.1, "replay_empty", self.weights))
-            return
-        self._send(
-            identity,
-            wire.Batch(msg.request_id, [rec for _, rec, _ in taken], [r for _, _, r in taken], stale),
-        )
 
     def _on_publish(self, identity: bytes, msg: wire.PublishWeights) -> None:
         info = wire.weights_from_dict(msg.weights)
@@ -329,7 +371,7 @@ class Broker:
         self._send(identity, wire.Ack(msg.request_id, True, "published", self.weights))
 
     def counters(self) -> dict[str, int]:
-        out = dict(self.store.counters())
+        out = dict(self.durable)
         out.update(self.gauges)
         out.update(
             {

@@ -23,7 +23,8 @@ Guarantees
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,21 @@ COUNTER_KEYS = (
     "evicted",
     "evicted_unconsumed",
 )
+
+
+@dataclass
+class TurnResult:
+    inserted: list[bool]  # per insert: stored now (False = duplicate group_id)
+    scored: list[bool]  # per result: pending → ready (False = late duplicate)
+    dropped: list[bool]  # per unscorable: pending → unscorable
+    samples: list[tuple[list[tuple[str, bytes, list[float]]], int]]  # per request: (groups, n_stale)
+    task_indices: list[int]  # raw task-cursor values handed out
+    counters: dict[str, int]  # durable counters after the turn
+
+
+def _add(counters: dict[str, int], **deltas: int) -> None:
+    for k, v in deltas.items():
+        counters[k] = counters.get(k, 0) + v
 
 
 class ReplayStore:
@@ -90,8 +106,7 @@ class ReplayStore:
         txn.put(key.encode(), msgpack.packb(value, use_bin_type=True), db=self.db["meta"])
 
     def _bump(self, txn: lmdb.Transaction, counters: dict[str, int], **deltas: int) -> None:
-        for k, v in deltas.items():
-            counters[k] = counters.get(k, 0) + v
+        _add(counters, **deltas)
         self._put_meta(txn, "counters", counters)
 
     def _status(self, txn: lmdb.Transaction, gid: bytes) -> dict[str, Any] | None:
@@ -102,6 +117,42 @@ class ReplayStore:
         txn.put(gid, msgpack.packb(status, use_bin_type=True), db=self.db["status"])
 
     # -- writes ------------------------------------------------------------------------------------------------
+    #
+    # Each operation has a transaction-level form (``_op(txn, counters, ...)``) so the broker can apply everything a
+    # loop turn produced — inserts, score results, samples — in ONE fsync'd transaction (``commit_turn``); the public
+    # single-operation methods wrap one of them in its own transaction.
+
+    def commit_turn(
+        self,
+        inserts: Sequence[tuple[str, bytes, dict[str, Any]]] = (),
+        scored: Sequence[tuple[str, list[float], dict[str, Any]]] = (),
+        unscorable: Sequence[tuple[str, str]] = (),
+        samples: Sequence[tuple[int, int]] = (),  # (max_groups, min_version) per learner request
+        leases: int = 0,  # task-cursor advances
+        n_tasks: int = 1,
+    ) -> TurnResult:
+        """Apply a loop turn's writes in one transaction, in this order: inserts, scores, drops, samples, leases.
+
+        Samples are answered from groups committed by this transaction or earlier ones. A turn with only sample
+        requests and an empty replay writes nothing (no fsync).
+        """
+        if not (inserts or scored or unscorable or leases) and (not samples or self.ready_count() == 0):
+            return TurnResult([], [], [], [([], 0) for _ in samples], [], self.counters())
+
+        def txn_fn(txn: lmdb.Transaction) -> TurnResult:
+            counters = self._get_meta(txn, "counters", {})
+            result = TurnResult(
+                inserted=self._insert(txn, counters, list(inserts)),
+                scored=[self._mark_scored(txn, counters, *item) for item in scored],
+                dropped=[self._mark_unscorable(txn, counters, *item) for item in unscorable],
+                samples=[self._take_ready(txn, counters, *req) for req in samples],
+                task_indices=self._advance_cursor(txn, leases, n_tasks),
+                counters={**dict.fromkeys(COUNTER_KEYS, 0), **counters},
+            )
+            self._put_meta(txn, "counters", counters)
+            return result
+
+        return self._write(txn_fn)
 
     def insert_groups(self, items: Iterable[tuple[str, bytes, dict[str, Any]]]) -> list[bool]:
         """Store groups ``(group_id, record, info)`` as pending in ONE fsync'd transaction.
@@ -109,121 +160,127 @@ class ReplayStore:
         Returns, per item, True if stored now or False if the group_id was already stored (a duplicate resend).
         ``info`` is small metadata kept in the status table (version, task, actor, instruction).
         """
-        items = list(items)
-
-        def txn_fn(txn: lmdb.Transaction) -> list[bool]:
-            counters = self._get_meta(txn, "counters", {})
-            seq = self._get_meta(txn, "next_seq", 0)
-            out = []
-            for group_id, record, info in items:
-                gid = group_id.encode()
-                if not txn.put(gid, record, db=self.db["groups"], overwrite=False):
-                    self._bump(txn, counters, duplicate_groups=1)
-                    out.append(False)
-                    continue
-                key = _SEQ.pack(seq)
-                self._set_status(txn, gid, {**info, "state": "pending", "seq": seq})
-                txn.put(key, gid, db=self.db["pending"])
-                txn.put(key, gid, db=self.db["stored"])
-                seq += 1
-                self._bump(txn, counters, ingested=1)
-                out.append(True)
-            self._put_meta(txn, "next_seq", seq)
-            self._evict(txn, counters)
-            return out
-
-        return self._write(txn_fn)
+        return self.commit_turn(inserts=list(items)).inserted
 
     def mark_scored(self, group_id: str, rewards: list[float], scores: dict[str, Any]) -> bool:
         """pending → ready with its rewards. False if the group is not pending (a late duplicate result)."""
-
-        def txn_fn(txn: lmdb.Transaction) -> bool:
-            gid = group_id.encode()
-            status = self._status(txn, gid)
-            if status is None or status["state"] != "pending":
-                return False
-            key = _SEQ.pack(status["seq"])
-            txn.delete(key, db=self.db["pending"])
-            txn.put(key, gid, db=self.db["ready"])
-            status.update(state="ready", rewards=rewards, scores=scores)
-            self._set_status(txn, gid, status)
-            self._bump(txn, self._get_meta(txn, "counters", {}), scored=1)
-            return True
-
-        return self._write(txn_fn)
+        return self.commit_turn(scored=[(group_id, rewards, scores)]).scored[0]
 
     def mark_unscorable(self, group_id: str, reason: str) -> bool:
         """pending → unscorable (dropped, counted). False if the group is not pending."""
-
-        def txn_fn(txn: lmdb.Transaction) -> bool:
-            gid = group_id.encode()
-            status = self._status(txn, gid)
-            if status is None or status["state"] != "pending":
-                return False
-            txn.delete(_SEQ.pack(status["seq"]), db=self.db["pending"])
-            status.update(state="unscorable", reason=reason)
-            self._set_status(txn, gid, status)
-            self._bump(txn, self._get_meta(txn, "counters", {}), dropped_unscorable=1)
-            return True
-
-        return self._write(txn_fn)
+        return self.commit_turn(unscorable=[(group_id, reason)]).dropped[0]
 
     def take_ready(self, max_groups: int, min_version: int) -> tuple[list[tuple[str, bytes, list[float]]], int]:
         """Pop up to ``max_groups`` ready groups (oldest first) → consumed; groups older than ``min_version`` are
         dropped as stale on the way (counted). Returns ``([(group_id, record, rewards)], n_dropped_stale)``."""
+        return self.commit_turn(samples=[(max_groups, min_version)]).samples[0]
 
-        def txn_fn(txn: lmdb.Transaction) -> tuple[list[tuple[str, bytes, list[float]]], int]:
-            counters = self._get_meta(txn, "counters", {})
-            out, stale = [], 0
-            cursor = txn.cursor(db=self.db["ready"])
-            for key, gid in list(cursor.iternext()):
-                if len(out) >= max_groups:
-                    break
-                status = self._status(txn, gid)
-                txn.delete(key, db=self.db["ready"])
-                if status["version"] < min_version:
-                    status["state"] = "stale"
-                    stale += 1
-                else:
-                    status["state"] = "consumed"
-                    out.append((gid.decode(), bytes(txn.get(gid, db=self.db["groups"])), status["rewards"]))
-                self._set_status(txn, gid, status)
-            self._bump(txn, counters, consumed=len(out), dropped_stale=stale)
-            return out, stale
+    def _insert(self, txn: lmdb.Transaction, counters: dict[str, int], items: list) -> list[bool]:
+        seq = self._get_meta(txn, "next_seq", 0)
+        out = []
+        for group_id, record, info in items:
+            gid = group_id.encode()
+            if not txn.put(gid, record, db=self.db["groups"], overwrite=False):
+                _add(counters, duplicate_groups=1)
+                out.append(False)
+                continue
+            key = _SEQ.pack(seq)
+            self._set_status(txn, gid, {**info, "state": "pending", "seq": seq})
+            txn.put(key, gid, db=self.db["pending"])
+            txn.put(key, gid, db=self.db["stored"])
+            seq += 1
+            _add(counters, ingested=1)
+            out.append(True)
+        if items:
+            self._put_meta(txn, "next_seq", seq)
+            self._evict(txn, counters)
+        return out
 
-        return self._write(txn_fn)
+    def _mark_scored(
+        self, txn: lmdb.Transaction, counters: dict[str, int], group_id: str, rewards: list[float], scores: Any
+    ) -> bool:
+        gid = group_id.encode()
+        status = self._status(txn, gid)
+        if status is None or status["state"] != "pending":
+            return False
+        key = _SEQ.pack(status["seq"])
+        txn.delete(key, db=self.db["pending"])
+        txn.put(key, gid, db=self.db["ready"])
+        status.update(state="ready", rewards=rewards, scores=scores)
+        self._set_status(txn, gid, status)
+        _add(counters, scored=1)
+        return True
+
+    def _mark_unscorable(self, txn: lmdb.Transaction, counters: dict[str, int], group_id: str, reason: str) -> bool:
+        gid = group_id.encode()
+        status = self._status(txn, gid)
+        if status is None or status["state"] != "pending":
+            return False
+        txn.delete(_SEQ.pack(status["seq"]), db=self.db["pending"])
+        status.update(state="unscorable", reason=reason)
+        self._set_status(txn, gid, status)
+        _add(counters, dropped_unscorable=1)
+        return True
+
+    def _take_ready(
+        self, txn: lmdb.Transaction, counters: dict[str, int], max_groups: int, min_version: int
+    ) -> tuple[list[tuple[str, bytes, list[float]]], int]:
+        visited: list[tuple[bytes, bytes, dict[str, Any]]] = []  # (key, gid, status): to be consumed or stale
+        n_usable = 0
+        for key, gid in txn.cursor(db=self.db["ready"]):  # lazy: stops after max_groups usable groups
+            if n_usable >= max_groups:
+                break
+            status = self._status(txn, gid)
+            visited.append((bytes(key), bytes(gid), status))
+            n_usable += status["version"] >= min_version
+        # Reads first, writes after: records are copied out before this transaction dirties any page.
+        out = [
+            (gid.decode(), bytes(txn.get(gid, db=self.db["groups"])), st["rewards"])
+            for _, gid, st in visited
+            if st["version"] >= min_version
+        ]
+        stale = len(visited) - len(out)
+        for key, gid, status in visited:
+            status["state"] = "consumed" if status["version"] >= min_version else "stale"
+            self._set_status(txn, gid, status)
+            txn.delete(key, db=self.db["ready"])
+        _add(counters, consumed=len(out), dropped_stale=stale)
+        return out, stale
 
     def _evict(self, txn: lmdb.Transaction, counters: dict[str, int]) -> None:
         n_stored = txn.stat(self.db["stored"])["entries"]
         if n_stored <= self.capacity:
             return
-        cursor = txn.cursor(db=self.db["stored"])
-        for key, gid in list(cursor.iternext()):
-            if n_stored <= self.capacity:
+        victims = []
+        for key, gid in txn.cursor(db=self.db["stored"]):  # oldest first; stops once under capacity
+            if n_stored - len(victims) <= self.capacity:
                 break
             status = self._status(txn, gid)
-            if status["state"] == "pending":
-                continue  # never evict unscored work
+            if status["state"] != "pending":  # never evict unscored work
+                victims.append((bytes(key), bytes(gid), status))
+        for key, gid, status in victims:
             if status["state"] == "ready":
                 txn.delete(key, db=self.db["ready"])
-                self._bump(txn, counters, evicted_unconsumed=1)
+                _add(counters, evicted_unconsumed=1)
                 status["state"] = "evicted"
             txn.delete(key, db=self.db["stored"])
             txn.delete(gid, db=self.db["groups"])
             status["evicted"] = True
             self._set_status(txn, gid, status)
-            self._bump(txn, counters, evicted=1)
-            n_stored -= 1
+            _add(counters, evicted=1)
 
     def next_task(self, n_tasks: int) -> tuple[int, int]:
         """Advance the durable task cursor; returns ``(task_index, epoch)``."""
+        cursor = self.commit_turn(leases=1, n_tasks=n_tasks).task_indices[0]
+        return cursor % n_tasks, cursor // n_tasks
 
-        def txn_fn(txn: lmdb.Transaction) -> tuple[int, int]:
-            cursor = self._get_meta(txn, "task_cursor", 0)
-            self._put_meta(txn, "task_cursor", cursor + 1)
-            return cursor % n_tasks, cursor // n_tasks
-
-        return self._write(txn_fn)
+    def _advance_cursor(self, txn: lmdb.Transaction, leases: int, n_tasks: int) -> list[int]:
+        """Advance the task cursor ``leases`` times; returns the raw cursor values (index = value % n_tasks)."""
+        if leases <= 0:
+            return []
+        cursor = self._get_meta(txn, "task_cursor", 0)
+        self._put_meta(txn, "task_cursor", cursor + leases)
+        return list(range(cursor, cursor + leases))
 
     def set_meta(self, key: str, value: Any) -> None:
         self._write(lambda txn: self._put_meta(txn, key, value))
