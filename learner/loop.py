@@ -195,8 +195,9 @@ class Learner:
         opts = StateDictOptions(ignore_frozen_params=True)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        norm = self.trainable_norm()
         if self.rank == 0:
-            meta = {"step": self.step, "version": self.version, "path": str(path)}
+            meta = {"step": self.step, "version": self.version, "path": str(path), "param_norm": norm}
             tmp = self.ckpt_dir / "latest.json.tmp"
             tmp.write_text(json.dumps(meta))
             tmp.replace(self.ckpt_dir / "latest.json")
@@ -212,11 +213,31 @@ class Learner:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=meta["path"])
-        set_state_dict(
-            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts
+        # The checkpoint holds only the trainable (LoRA) parameters: load non-strictly, then insist that every
+        # trainable parameter was restored.
+        result = set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
         )
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        missing = trainable & set(getattr(result, "missing_keys", []))
+        if missing:
+            raise RuntimeError(f"checkpoint {meta['path']} lacks trainable parameters: {sorted(missing)[:5]}")
         self.step, self.version = int(meta["step"]), int(meta["version"])
-        self.log.info("checkpoint_resumed", step=self.step, version=self.version)
+        self.log.info("checkpoint_resumed", step=self.step, version=self.version, param_norm=self.trainable_norm())
+
+    def trainable_norm(self) -> float:
+        """L2 norm of all trainable parameters across shards (collective): a cheap fingerprint for resume checks."""
+        local = sum(
+            float((p.to_local() if hasattr(p, "to_local") else p).detach().double().pow(2).sum()) for p in self.params
+        )
+        t = torch.tensor([local], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return float(t.sqrt())
 
     # -- reporting ---------------------------------------------------------------------------------------------
 

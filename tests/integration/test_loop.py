@@ -92,3 +92,31 @@ def test_two_rank_fsdp2_learner_recomputes_exactly_and_skips_missing_images(tmp_
     skipped = [e for e in read_jsonl(run / "logs/broker-0.jsonl") if e["event"] == "task_skipped"]
     assert skipped, "the task with a missing source image was not reported as skipped"
     assert any(e["event"] == "task_skipped_missing_image" for e in read_jsonl(run / "logs/actor-0.jsonl"))
+
+
+def test_restart_resumes_learner_broker_and_actor_state(tmp_path, tiny_model_dir, quickstart_tasks):
+    """A second `editrl up` on the same run dir continues: learner step/version from its DCP checkpoint, weight
+    version and task cursor from the broker's LMDB, actors start on the latest published weights."""
+    topo = write_topology(tmp_path, tiny_model_dir, quickstart_tasks, learner={"checkpoint_every": 4})
+    cmd = [sys.executable, "-m", "editrl.common.cli", "up", str(topo), "--max-steps"]
+    first = subprocess.run([*cmd, "4"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "run"
+    store = ReplayStore(run / "replay.lmdb", capacity=10**6, readonly=True)
+    cursor_before = store.get_meta("task_cursor")
+    store.close()
+    second = subprocess.run([*cmd, "7"], capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 8))
+    assert [m["version"] for m in metrics] == list(range(1, 8))
+    resumed = [e for e in read_jsonl(run / "logs/learner-0.jsonl") if e["event"] == "checkpoint_resumed"]
+    assert resumed and resumed[0]["step"] == 4
+    saved = [e for e in read_jsonl(run / "logs/learner-0.jsonl") if e["event"] == "checkpoint_saved"]
+    assert resumed[0]["param_norm"] == saved[0]["param_norm"] > 0  # the trained LoRA weights came back
+    loaded = [e["version"] for e in read_jsonl(run / "logs/actor-0.jsonl") if e["event"] == "weights_loaded"]
+    second_run_loads = loaded[loaded.index(4) + 1 :] if 4 in loaded else loaded
+    assert second_run_loads and second_run_loads[0] >= 4  # the restarted actor starts on the published version
+    store = ReplayStore(run / "replay.lmdb", capacity=10**6, readonly=True)
+    assert store.get_meta("task_cursor") > cursor_before
+    assert store.get_meta("weights")["version"] == 7
