@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-import signal
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="editrl broker", description=__doc__)
-    parser.add_argument("--config", required=True)
-    args = parser.parse_args(argv)
+    from editrl.common.entry import role_parser, start_role, stop_flag
 
-    from editrl.common.config import ConfigError, load_config
-    from editrl.common.log import set_process_title, setup_logging
-
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"editrl broker: config error: {exc}", file=sys.stderr)
-        return 2
-    set_process_title("editrl::broker")
-    log = setup_logging("broker", 0, cfg.run_dir)
+    _, cfg, log = start_role("broker", role_parser("broker", __doc__, with_id=False), argv)
 
     from editrl.broker.server import Broker
     from editrl.broker.store import ReplayStore
@@ -44,11 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         lease_timeout_s=cfg.broker.lease_timeout_s,
         score_deadline_s=cfg.broker.score_deadline_s,
     )
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
+    should_stop = stop_flag()
     try:
-        broker.run(should_stop=lambda: bool(stopping))
+        broker.run(should_stop=should_stop)
     finally:
         log.info("broker_stopped", counters=broker.counters())
         broker.close()

@@ -7,29 +7,14 @@ broker requeues it once, then drops it, counted): a score is never invented.
 
 from __future__ import annotations
 
-import argparse
-import signal
 import sys
 import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="editrl scorer", description=__doc__)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--id", type=int, default=0)
-    args = parser.parse_args(argv)
+    from editrl.common.entry import role_parser, start_role, stop_flag
 
-    from editrl.common.config import ConfigError, load_config
-    from editrl.common.log import set_process_title, setup_logging
-
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"editrl scorer: config error: {exc}", file=sys.stderr)
-        return 2
-    set_process_title(f"editrl::scorer-{args.id}")
-    log = setup_logging("scorer", args.id, cfg.run_dir)
-
+    args, cfg, log = start_role("scorer", role_parser("scorer", __doc__), argv)
     import zmq
 
     from editrl.common import wire
@@ -46,15 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     sock = harden(ctx.socket(zmq.DEALER))
     sock.setsockopt(zmq.ROUTING_ID, worker_id.encode())
     sock.connect(cfg.broker.endpoint)
-    stopping: list[int] = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
+    should_stop = stop_flag()
 
     sock.send_multipart(wire.encode(wire.ScorerReady(worker_id, cfg.scorers.backend, 1)))
     last_beat = time.monotonic()
     n_jobs = 0
     log.info("scorer_started", backend=cfg.scorers.backend, endpoint=cfg.broker.endpoint)
-    while not stopping:
+    while not should_stop():
         if time.monotonic() - last_beat >= wire.HEARTBEAT_INTERVAL_S:
             sock.send_multipart(wire.encode(wire.Heartbeat(worker_id)))
             last_beat = time.monotonic()

@@ -1,0 +1,50 @@
+"""What every role's ``main`` does first: parse, load the topology (exit 2 naming the field), title, logging, signals.
+
+Heavy imports (torch, diffusers, zmq) happen only after this returns, so ``--help`` and config errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from editrl.common.config import ConfigError, TopologyConfig, load_config
+from editrl.common.log import set_process_title, setup_logging
+
+
+def role_parser(role: str, doc: str | None, with_id: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"editrl {role}", description=doc)
+    parser.add_argument("--config", required=True, help="the topology YAML file")
+    if with_id:
+        parser.add_argument("--id", type=int, default=0, help="this process's index within its role")
+    return parser
+
+
+def start_role(
+    role: str,
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    proc_id: Callable[[argparse.Namespace, TopologyConfig], int] | None = None,
+) -> tuple[argparse.Namespace, TopologyConfig, Any]:
+    """Parse ``argv``, load the config (exit 2 with the dotted field path on error), set the process title and
+    logging. Returns ``(args, cfg, log)``."""
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"editrl {role}: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    index = proc_id(args, cfg) if proc_id is not None else getattr(args, "id", 0)
+    set_process_title(f"editrl::{role}-{index}")
+    return args, cfg, setup_logging(role, index, cfg.run_dir)
+
+
+def stop_flag() -> Callable[[], bool]:
+    """Install SIGTERM/SIGINT handlers; the returned callable says whether a stop was requested."""
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
+    return lambda: bool(stopping)
