@@ -10,6 +10,7 @@ setup:
 	$(PYTHON) -m pip install -q -e ".[test]"
 
 demo: setup
+	rm -rf runs/quickstart  # a fresh run each time (`editrl up` alone resumes a stopped run)
 	$(PYTHON) -m editrl.common.cli up configs/quickstart.yaml --max-steps $(DEMO_STEPS)
 	$(PYTHON) scripts/summarize_run.py runs/quickstart
 

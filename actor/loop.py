@@ -32,8 +32,10 @@ class Actor:
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + actor_id)
         self.n_groups = 0
         self.wait_s = 0.0
+        self.should_stop: Any = lambda: False
 
     def run(self, should_stop: Any, max_groups: int = 0) -> None:
+        self.should_stop = should_stop
         while not should_stop() and not (max_groups and self.n_groups >= max_groups):
             reply = self.client.request(wire.LeaseRequest(self.actor_id, new_id()), should_stop=should_stop)
             self.maybe_load_weights(reply.weights)
@@ -80,7 +82,8 @@ class Actor:
             source = load_source_image(task)
         except MissingImageError as exc:
             self.log.warning("task_skipped_missing_image", task_id=task.task_id, error=str(exc))
-            self.client.request(wire.SkipTask(new_id(), lease.lease_id, task.task_id, self.actor_id, "missing_image"))
+            skip = wire.SkipTask(new_id(), lease.lease_id, task.task_id, self.actor_id, "missing_image")
+            self.client.request(skip, should_stop=self.should_stop)
             return None
         sampler = self.cfg.policy.sampler
         t0 = time.monotonic()

@@ -11,8 +11,8 @@ Failure model
 - A scorer silent for ``SCORER_LIVENESS_S`` is dead; a job past its deadline is late: both are requeued. A result
   for a group that is no longer pending (a late duplicate) is counted and ignored.
 - Admission control (flow control lives in the application): a lease is granted only while
-  ``ingested + running < consumed + dropped + (η + 1)·B`` — AReaL's ``accepted + running ≤ (η + v + 1)·B`` with
-  ``v·B`` counted as the groups the learner has consumed, so it holds whatever the publish interval is.
+  ``ingested + running < (η + v + 1)·B + dropped`` — AReaL's rule, with v the learner step of the latest published
+  weights and every group that left untrained (stale, unscorable, evicted) given back.
 - In-memory only (rebuilt after a restart): leases, scorer registry, job assignments. Pending groups are reloaded
   from LMDB and re-dispatched, so a restart loses no work.
 """
@@ -124,6 +124,7 @@ class Broker:
         )
         self.gauges: collections.Counter[str] = collections.Counter()  # process-lifetime counters (not durable)
         self.durable: dict[str, int] = store.counters()  # the LMDB counters as of the last commit
+        self.learner_step: int = store.get_meta("learner_step") or 0  # learner step of the latest published weights
         self.payloads: dict[str, tuple[str, str, bytes, list[bytes]]] = {}  # ScoreJob fields of pending groups
         self._logged_reasons: set[str] = set()
         self.log.info(
@@ -245,9 +246,12 @@ class Broker:
     # -- actors ------------------------------------------------------------------------------------------------
 
     def admission_open(self, extra: int = 0) -> bool:
+        """AReaL's capacity rule ``ingested + running ≤ (η + v + 1)·B`` with v = the learner step of the latest
+        published weights (so a group leased now, generated with those weights, is trained at most η versions
+        later) plus every group that left without being trained (dropped or evicted), so producers never deadlock."""
         c = self.durable
         dropped = c["dropped_stale"] + c["dropped_unscorable"] + c["evicted_unconsumed"]
-        budget = c["consumed"] + dropped + (self.max_staleness + 1) * self.groups_per_step
+        budget = (self.max_staleness + 1 + self.learner_step) * self.groups_per_step + dropped
         return c["ingested"] + len(self.leases) + extra < budget
 
     def _grant_lease(self, identity: bytes, msg: wire.LeaseRequest, index: int) -> None:
@@ -366,7 +370,9 @@ class Broker:
         info = wire.weights_from_dict(msg.weights)
         if info.version > self.weights["version"]:
             self.weights = wire.weights_dict(info)
+            self.learner_step = max(self.learner_step, msg.learner_step)
             self.store.set_meta("weights", self.weights)
+            self.store.set_meta("learner_step", self.learner_step)
             self.log.info("weights_published", version=info.version, uri=info.uri, learner_step=msg.learner_step)
         self._send(identity, wire.Ack(msg.request_id, True, "published", self.weights))
 

@@ -9,6 +9,7 @@ reached), on Ctrl-C or SIGTERM: children get SIGTERM, then SIGKILL after a grace
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,6 +18,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from editrl.common.config import TopologyConfig
 
@@ -140,20 +143,31 @@ class Supervisor:
         self.stopping = True
 
     def stop_all(self) -> None:
-        # Producers first, the broker (the durable state) last.
+        """SIGTERM every child and its descendants (torchrun's workers run in sessions of their own), producers
+        first and the broker (the durable state) last; SIGKILL whatever is still alive after the grace period."""
         order = [c for c in self.children if c.role in ("actor", "scorer", "learner")] + [self.children[0]]
-        for child in order:
-            if child.proc is not None and child.proc.poll() is None:
-                os.killpg(child.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + GRACE_S
+        procs: list[psutil.Process] = []
         for child in order:
             if child.proc is None:
                 continue
             try:
-                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(child.proc.pid, signal.SIGKILL)
-                child.proc.wait()
+                parent = psutil.Process(child.proc.pid)
+                procs += [parent, *parent.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=GRACE_S)
+        for proc in alive:
+            self.log.warning("process_killed", pid=proc.pid, grace_s=GRACE_S)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+        for child in self.children:
+            if child.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.proc.wait(timeout=1)
             for f in child.log_files:
                 f.close()
         self.log.info("all_stopped")

@@ -74,10 +74,12 @@ class Learner:
             self.writer = SummaryWriter(str(cfg.run_dir / "tb"))
             self.metrics_file = open(cfg.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
         self.first_reward: float | None = None
+        self.should_stop: Any = lambda: False
 
     # -- loop --------------------------------------------------------------------------------------------------
 
     def run(self, should_stop: Any, max_steps: int = 0) -> None:
+        self.should_stop = should_stop
         while not should_stop() and not (max_steps and self.step >= max_steps):
             t0 = time.monotonic()
             groups, rewards, wait_s = self.sample_batch(should_stop)
@@ -185,7 +187,9 @@ class Learner:
         if self.rank == 0:
             lora = {lora_key(k): v for k, v in full.items() if is_lora_key(k)}
             info = publish_file(self.cfg.run_dir / "weights", self.version, lora, kind="lora")
-            self.client.request(wire.PublishWeights(new_id(), self.step, wire.weights_dict(info)))
+            self.client.request(
+                wire.PublishWeights(new_id(), self.step, wire.weights_dict(info)), should_stop=self.should_stop
+            )
             self.log.info("weights_published", version=self.version, seconds=round(time.monotonic() - t0, 3))
         dist.barrier()
 

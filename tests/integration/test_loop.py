@@ -120,3 +120,27 @@ def test_restart_resumes_learner_broker_and_actor_state(tmp_path, tiny_model_dir
     store = ReplayStore(run / "replay.lmdb", capacity=10**6, readonly=True)
     assert store.get_meta("task_cursor") > cursor_before
     assert store.get_meta("weights")["version"] == 7
+
+
+def test_ctrl_c_stops_every_process(tmp_path, tiny_model_dir, quickstart_tasks):
+    """SIGINT to `editrl up` stops the whole tree, torchrun's workers included; nothing is left running."""
+    import signal
+    import time
+
+    import psutil
+
+    topo = write_topology(tmp_path, tiny_model_dir, quickstart_tasks)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "editrl.common.cli", "up", str(topo)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    metrics = tmp_path / "run/metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    assert metrics.exists(), "the learner never reported a step"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+    time.sleep(0.5)
+    leftovers = [p.pid for p in psutil.process_iter(["cmdline"]) if str(topo) in " ".join(p.info["cmdline"] or [])]
+    assert not leftovers, f"processes still running after Ctrl-C: {leftovers}"
