@@ -46,7 +46,8 @@ class Actor:
             group = self.sample(reply)
             if group is None:
                 continue
-            ack = self.client.request(group, should_stop=should_stop)  # resent with the same ids until acked
+            self.log.info("group_attempt", group_id=group.group_id, task_id=group.task_id)
+            ack = self.send_group(group)
             self.n_groups += 1
             self.log.info(
                 "group_sent",
@@ -57,6 +58,17 @@ class Actor:
                 n_groups=self.n_groups,
             )
             self.maybe_load_weights(ack.weights)
+
+    def send_group(self, group: wire.RolloutGroup) -> wire.Ack:
+        """Send until the broker acknowledges the commit. Resends carry the same ids, so a group is stored once."""
+        while True:
+            ack = self.client.request(group, should_stop=self.should_stop)
+            if ack.ok:
+                return ack
+            self.log.warning("group_not_acknowledged", group_id=group.group_id, detail=ack.detail)
+            time.sleep(wire.STORAGE_RETRY_S)
+            if self.should_stop():
+                raise TimeoutError("stopped before the group was acknowledged")
 
     def maybe_load_weights(self, weights: dict[str, Any]) -> None:
         info = wire.weights_from_dict(weights)

@@ -266,7 +266,9 @@ def drive_broker(
                 sent += 1
             if not sample_outstanding and now >= next_sample_at:
                 learner.send_multipart(
-                    wire.encode(wire.SampleRequest(f"s-{n_batches + n_waits}", 0, SAMPLE_MAX_GROUPS, 0))
+                    wire.encode(
+                        wire.SampleRequest(f"s-{n_batches + n_waits}", 0, n_batches + 1, 0, SAMPLE_MAX_GROUPS, 0)
+                    )
                 )
                 sample_outstanding = True
             if now >= next_heartbeat:

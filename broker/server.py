@@ -1,20 +1,25 @@
 """The broker: one ROUTER socket, the only durable state, and the dispatcher between actors, scorers and learners.
 
-Loop: poll → drain a batch of messages → store new groups in ONE fsync'd transaction → acknowledge them → dispatch
-score jobs to idle scorers → requeue jobs of dead or late scorers → expire leases. Never an infinite poll.
+Loop: poll → drain a batch of messages → apply every durable change of the turn in ONE fsync'd LMDB transaction →
+answer → dispatch score jobs to idle scorers → requeue jobs of dead or late scorers → expire leases. Never an
+infinite poll.
 
 Failure model
 - A message that does not decode is rejected, counted by reason in ``rejected/<reason>`` and logged once per reason;
   the broker stays up and serves the next message.
 - A RolloutGroup is acknowledged only after its LMDB commit; a resent group (same ``group_id``) is acknowledged
   again and stored once.
-- A scorer silent for ``SCORER_LIVENESS_S`` is dead; a job past its deadline is late: both are requeued. A result
-  for a group that is no longer pending (a late duplicate) is counted and ignored.
+- Scorers: a scorer silent for ``SCORER_LIVENESS_S`` is dead; a job past its deadline is late (the scorer heartbeats
+  but is stuck): both are requeued, and a scorer that missed ``QUARANTINE_AFTER_MISSES`` deadlines gets no more jobs.
+  A result for a group that is no longer pending (a late duplicate) is counted and ignored.
 - Admission control (flow control lives in the application): a lease is granted only while
   ``ingested + running < (η + v + 1)·B + dropped`` — AReaL's rule, with v the learner step of the latest published
   weights and every group that left untrained (stale, unscorable, evicted) given back.
-- In-memory only (rebuilt after a restart): leases, scorer registry, job assignments. Pending groups are reloaded
-  from LMDB and re-dispatched, so a restart loses no work.
+- Storage: a failed commit (disk full, I/O error) answers nothing durable: groups get ``Ack(ok=False)`` and are
+  resent by their actors, score results are kept and retried, leases and samples get ``Wait``. The broker stays up
+  and recovers when the disk does. ``MapFullError`` grows the map inside the store.
+- Restart: pending groups, scored replay, leases, task cursor, counters, weight version and the learner batch
+  assignments are all in LMDB; scorer registry and job assignments are rebuilt (pending groups are re-dispatched).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import lmdb
 import zmq
 
-from editrl.broker.store import ReplayStore
+from editrl.broker.store import ReplayStore, SampleSpec
 from editrl.common import wire
 from editrl.common.net import harden, new_id
 from editrl.common.tasks import Task
@@ -44,9 +50,47 @@ class Turn:
     unscorable: list[tuple[str, str]] = field(default_factory=list)
     samples: list[tuple[bytes, wire.SampleRequest]] = field(default_factory=list)
     leases: list[tuple[bytes, wire.LeaseRequest]] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)  # lease ids to delete (group arrived, task skipped)
 
     def has_writes(self) -> bool:
-        return bool(self.groups or self.scored or self.unscorable or self.samples or self.leases)
+        return bool(self.groups or self.scored or self.unscorable or self.samples or self.leases or self.released)
+
+
+@dataclass
+class Worker:
+    worker_id: str
+    identity: bytes  # ROUTER routing id of its job socket
+    capacity: int
+    last_seen: float
+    jobs: set[str] = field(default_factory=set)
+    misses: int = 0  # deadlines missed
+    quarantined: bool = False
+
+
+@dataclass
+class Job:
+    job_id: str
+    group_id: str
+    worker_id: str
+    deadline: float
+
+
+@dataclass
+class Grant:
+    """A lease decided this turn, made durable by the turn's commit before it is sent."""
+
+    identity: bytes
+    request: wire.LeaseRequest
+    lease_id: str
+    task_index: int
+    replaces: str  # the expired lease whose task this re-issues ("" for a fresh task)
+
+
+@dataclass
+class LeaseEntry:
+    task_index: int
+    actor_id: str
+    deadline: float
 
 
 def _group_info(g: wire.RolloutGroup) -> dict[str, Any]:
@@ -66,30 +110,6 @@ def _job_payload(g: wire.RolloutGroup) -> tuple[str, str, bytes, list[bytes]]:
     return (g.instruction, g.task_type, g.source_png, g.edit_pngs)
 
 
-@dataclass
-class Worker:
-    identity: bytes
-    worker_id: str
-    capacity: int
-    last_seen: float
-    jobs: set[str] = field(default_factory=set)
-
-
-@dataclass
-class Job:
-    job_id: str
-    group_id: str
-    identity: bytes
-    deadline: float
-
-
-@dataclass
-class LeaseEntry:
-    task_index: int
-    actor_id: str
-    deadline: float
-
-
 class Broker:
     def __init__(
         self,
@@ -102,6 +122,7 @@ class Broker:
         ctx: zmq.Context | None = None,
         lease_timeout_s: float = wire.LEASE_TIMEOUT_S,
         score_deadline_s: float = wire.SCORE_JOB_DEADLINE_S,
+        secure: Any = None,  # callable(sock) applied before bind (CURVE), or None
     ) -> None:
         if not tasks:
             raise ValueError("the task list is empty")
@@ -111,12 +132,22 @@ class Broker:
         self.ctx = ctx or zmq.Context()
         self.sock = harden(self.ctx.socket(zmq.ROUTER), hwm=10000)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted scorer reusing its id takes over the route
+        if secure is not None:
+            secure(self.sock)
         self.sock.bind(endpoint)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.workers: dict[bytes, Worker] = {}
+        store.on_resize = lambda size: self.log.warning("replay_map_resized", map_size_bytes=size)
+        self.workers: dict[str, Worker] = {}
         self.jobs: dict[str, Job] = {}
-        self.leases: dict[str, LeaseEntry] = {}
-        self.retry_tasks: collections.deque[int] = collections.deque()
+        now = time.monotonic()
+        self.leases: dict[str, LeaseEntry] = {
+            lid: LeaseEntry(info["task_index"], info["actor_id"], now + lease_timeout_s)
+            for lid, info in store.leases().items()
+        }
+        self.retry_tasks: collections.deque[tuple[str, int]] = collections.deque()  # (expired lease id, task index)
+        self.cursor: int = store.get_meta("task_cursor", 0)  # advanced when leases are planned
+        self.committed_cursor: int = self.cursor  # as in LMDB
         self.requeues: dict[str, int] = collections.Counter()
         self.queue: collections.deque[str] = collections.deque(store.pending_ids())  # groups awaiting a scorer
         self.weights: dict[str, Any] = store.get_meta("weights") or wire.weights_dict(
@@ -126,9 +157,16 @@ class Broker:
         self.durable: dict[str, int] = store.counters()  # the LMDB counters as of the last commit
         self.learner_step: int = store.get_meta("learner_step") or 0  # learner step of the latest published weights
         self.payloads: dict[str, tuple[str, str, bytes, list[bytes]]] = {}  # ScoreJob fields of pending groups
+        self.carry = Turn()  # score results and drops whose commit failed: retried next turn
+        self.storage_ok = True
         self._logged_reasons: set[str] = set()
         self.log.info(
-            "broker_started", endpoint=self.endpoint, pending=len(self.queue), weights=self.weights["version"]
+            "broker_started",
+            endpoint=self.endpoint,
+            pending=len(self.queue),
+            leases=len(self.leases),
+            task_cursor=self.cursor,
+            weights=self.weights["version"],
         )
 
     # -- main loop ---------------------------------------------------------------------------------------------
@@ -142,8 +180,9 @@ class Broker:
 
         Replies that depend on durable state (acks, leases, batches) are sent only after the commit.
         """
-        turn = Turn()
-        if self.sock.poll(timeout_ms):
+        turn = Turn(scored=self.carry.scored, unscorable=self.carry.unscorable, released=self.carry.released)
+        self.carry = Turn()
+        if self.sock.poll(timeout_ms if not turn.has_writes() else 0):
             while turn.size < DRAIN_BATCH:
                 try:
                     frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -167,21 +206,22 @@ class Broker:
         if isinstance(msg, wire.RolloutGroup):
             turn.groups.append((identity, msg))
         elif isinstance(msg, wire.ScoreResult):
-            self._on_result(identity, msg, turn)
+            self._on_result(msg, turn)
         elif isinstance(msg, wire.SampleRequest):
             turn.samples.append((identity, msg))
         elif isinstance(msg, wire.LeaseRequest):
-            if self.admission_open(extra=len(turn.leases)):
+            if self.storage_ok and self.admission_open(extra=len(turn.leases)):
                 turn.leases.append((identity, msg))
             else:
                 self.gauges["lease_waits"] += 1
-                self._send(identity, wire.Wait(msg.request_id, 0.2, "admission", self.weights))
+                reason = "admission" if self.storage_ok else "storage_unavailable"
+                self._send(identity, wire.Wait(msg.request_id, 0.2, reason, self.weights))
         elif isinstance(msg, wire.ScorerReady | wire.Heartbeat):
             self._on_worker(identity, msg)
         elif isinstance(msg, wire.PublishWeights):
             self._on_publish(identity, msg)
         elif isinstance(msg, wire.SkipTask):
-            self._on_skip(identity, msg)
+            self._on_skip(identity, msg, turn)
         elif isinstance(msg, wire.StatusRequest):
             self._send(identity, wire.Status(msg.request_id, self.counters(), self.weights))
         else:
@@ -189,35 +229,31 @@ class Broker:
 
     def _commit(self, turn: Turn) -> None:
         inserts = [(g.group_id, wire.encode_record(wire.encode(g)), _group_info(g)) for _, g in turn.groups]
-        retry = [self.retry_tasks.popleft() for _ in range(min(len(turn.leases), len(self.retry_tasks)))]
-        result = self.store.commit_turn(
-            inserts=inserts,
-            scored=turn.scored,
-            unscorable=turn.unscorable,
-            samples=[(max(0, m.max_groups), m.min_version) for _, m in turn.samples],
-            leases=len(turn.leases) - len(retry),
-            n_tasks=len(self.tasks),
-        )  # committed (fsync) before any reply below
+        grants = self._plan_leases(turn)
+        released = [*turn.released, *(g.lease_id for _, g in turn.groups), *(g.replaces for g in grants if g.replaces)]
+        try:
+            result = self.store.commit_turn(
+                inserts=inserts,
+                scored=turn.scored,
+                unscorable=turn.unscorable,
+                samples=[
+                    SampleSpec(m.rank, m.step, max(0, m.offset), max(0, m.max_groups), m.min_version)
+                    for _, m in turn.samples
+                ],
+                task_cursor=self.cursor if self.cursor != self.committed_cursor else None,
+                lease_puts=[(g.lease_id, {"task_index": g.task_index, "actor_id": g.request.actor_id}) for g in grants],
+                lease_deletes=released,
+            )  # committed (fsync) before any reply below
+        except lmdb.Error as exc:
+            self._commit_failed(turn, grants, exc)
+            return
+        if not self.storage_ok:
+            self.storage_ok = True
+            self.log.warning("storage_recovered")
         self.durable = result.counters
-        for (identity, g), is_new in zip(turn.groups, result.inserted, strict=True):
-            self.leases.pop(g.lease_id, None)
-            if is_new:
-                self.queue.append(g.group_id)
-                self.payloads[g.group_id] = _job_payload(g)
-            else:
-                self.log.info("replay_insert_duplicate", group_id=g.group_id)
-            self._send(identity, wire.Ack(g.request_id, True, "stored" if is_new else "duplicate", self.weights))
-        for (group_id, _, _), ok in zip(turn.scored, result.scored, strict=True):
-            self.payloads.pop(group_id, None)
-            if ok:
-                self.gauges["results"] += 1
-            else:
-                self.gauges["duplicate_results"] += 1
-                self.log.info("score_result_duplicate", group_id=group_id)
-        for (group_id, _), ok in zip(turn.unscorable, result.dropped, strict=True):
-            self.payloads.pop(group_id, None)
-            if ok:
-                self.log.warning("group_dropped_unscorable", group_id=group_id)
+        self.committed_cursor = self.cursor
+        self._answer_groups(turn, result.inserted)
+        self._after_scores(turn, result.scored, result.dropped)
         for (identity, req), (taken, stale) in zip(turn.samples, result.samples, strict=True):
             if stale:
                 self.log.info("groups_dropped_stale", count=stale, min_version=req.min_version)
@@ -226,9 +262,22 @@ class Broker:
                 self._send(identity, batch)
             else:
                 self._send(identity, wire.Wait(req.request_id, 0.1, "replay_empty", self.weights))
-        cursors = retry + [c % len(self.tasks) for c in result.task_indices]
-        for (identity, req), index in zip(turn.leases, cursors, strict=True):
-            self._grant_lease(identity, req, index)
+        for grant in grants:
+            self._grant_lease(grant)
+
+    def _commit_failed(self, turn: Turn, grants: list[Grant], exc: Exception) -> None:
+        """Nothing of this turn is durable: say so to every waiting client and keep what cannot be resent."""
+        self.gauges["storage_failures"] += 1
+        if self.storage_ok:
+            self.log.error("storage_write_failed", error=str(exc)[:200], action="not acknowledging; retrying")
+        self.storage_ok = False
+        self.cursor = self.committed_cursor
+        self.retry_tasks.extendleft((g.replaces, g.task_index) for g in reversed(grants) if g.replaces)
+        self.carry = Turn(scored=turn.scored, unscorable=turn.unscorable, released=turn.released)
+        for identity, g in turn.groups:
+            self._send(identity, wire.Ack(g.request_id, False, "storage_unavailable", self.weights))
+        for identity, m in [*turn.samples, *turn.leases]:
+            self._send(identity, wire.Wait(m.request_id, wire.STORAGE_RETRY_S, "storage_unavailable", self.weights))
 
     def _reject(self, identity: bytes, exc: wire.WireError) -> None:
         self.gauges[f"rejected/{exc.reason}"] += 1
@@ -254,15 +303,28 @@ class Broker:
         budget = (self.max_staleness + 1 + self.learner_step) * self.groups_per_step + dropped
         return c["ingested"] + len(self.leases) + extra < budget
 
-    def _grant_lease(self, identity: bytes, msg: wire.LeaseRequest, index: int) -> None:
-        task = self.tasks[index]
-        lease_id = new_id()
-        self.leases[lease_id] = LeaseEntry(index, msg.actor_id, time.monotonic() + self.lease_timeout_s)
+    def _plan_leases(self, turn: Turn) -> list[Grant]:
+        """One grant per admitted lease request: tasks of expired leases first, then the task cursor."""
+        grants = []
+        for identity, req in turn.leases:
+            if self.retry_tasks:
+                replaces, index = self.retry_tasks.popleft()
+            else:
+                replaces, index = "", self.cursor % len(self.tasks)
+                self.cursor += 1
+            grants.append(Grant(identity, req, new_id(), index, replaces))
+        return grants
+
+    def _grant_lease(self, grant: Grant) -> None:
+        task = self.tasks[grant.task_index]
+        self.leases[grant.lease_id] = LeaseEntry(
+            grant.task_index, grant.request.actor_id, time.monotonic() + self.lease_timeout_s
+        )
         self._send(
-            identity,
+            grant.identity,
             wire.Lease(
-                request_id=msg.request_id,
-                lease_id=lease_id,
+                request_id=grant.request.request_id,
+                lease_id=grant.lease_id,
                 task_id=task.task_id,
                 instruction=task.instruction,
                 task_type=task.task_type,
@@ -271,8 +333,20 @@ class Broker:
             ),
         )
 
-    def _on_skip(self, identity: bytes, msg: wire.SkipTask) -> None:
+    def _answer_groups(self, turn: Turn, inserted: list[bool]) -> None:
+        for (identity, g), is_new in zip(turn.groups, inserted, strict=True):
+            self.leases.pop(g.lease_id, None)
+            if is_new:
+                self.queue.append(g.group_id)
+                self.payloads[g.group_id] = _job_payload(g)
+                self.log.debug("group_stored", group_id=g.group_id, actor_id=g.actor_id, version=g.policy_version)
+            else:
+                self.log.info("replay_insert_duplicate", group_id=g.group_id)
+            self._send(identity, wire.Ack(g.request_id, True, "stored" if is_new else "duplicate", self.weights))
+
+    def _on_skip(self, identity: bytes, msg: wire.SkipTask, turn: Turn) -> None:
         self.leases.pop(msg.lease_id, None)
+        turn.released.append(msg.lease_id)
         self.gauges["tasks_skipped"] += 1
         self.log.warning("task_skipped", task_id=msg.task_id, actor_id=msg.actor_id, reason=msg.reason)
         self._send(identity, wire.Ack(msg.request_id, True, "skipped", self.weights))
@@ -282,23 +356,31 @@ class Broker:
         for lease_id, lease in list(self.leases.items()):
             if lease.deadline < now:
                 del self.leases[lease_id]
-                self.retry_tasks.append(lease.task_index)
+                self.retry_tasks.append((lease_id, lease.task_index))  # deleted from LMDB when re-granted
                 self.gauges["leases_expired"] += 1
                 self.log.warning("lease_expired", lease_id=lease_id, actor_id=lease.actor_id)
 
     # -- scorers -----------------------------------------------------------------------------------------------
 
     def _on_worker(self, identity: bytes, msg: wire.ScorerReady | wire.Heartbeat) -> None:
-        worker = self.workers.get(identity)
+        worker = self.workers.get(msg.worker_id)
         if worker is None:
-            capacity = msg.capacity if isinstance(msg, wire.ScorerReady) else 1
-            worker = self.workers[identity] = Worker(identity, msg.worker_id, max(1, capacity), time.monotonic())
+            if not isinstance(msg, wire.ScorerReady):
+                return  # a heartbeat from a worker we do not know (e.g. after our restart): it re-announces itself
+            worker = Worker(msg.worker_id, identity, max(1, msg.capacity), time.monotonic())
+            self.workers[msg.worker_id] = worker
             self.log.info("scorer_joined", worker_id=msg.worker_id, capacity=worker.capacity)
+        elif isinstance(msg, wire.ScorerReady) and identity != worker.identity:
+            # Same worker id from a new socket: the old process is gone; its jobs will never be answered.
+            self.log.warning("scorer_restarted", worker_id=msg.worker_id, jobs=len(worker.jobs))
+            for job_id in list(worker.jobs):
+                self._requeue(job_id, "worker_restarted")
+            worker.identity, worker.jobs = identity, set()
         worker.last_seen = time.monotonic()
 
-    def _on_result(self, identity: bytes, msg: wire.ScoreResult, turn: Turn) -> None:
+    def _on_result(self, msg: wire.ScoreResult, turn: Turn) -> None:
         job = self.jobs.pop(msg.job_id, None)
-        worker = self.workers.get(identity)
+        worker = self.workers.get(msg.worker_id)
         if worker is not None:
             worker.last_seen = time.monotonic()
             worker.jobs.discard(msg.job_id)
@@ -309,6 +391,20 @@ class Broker:
             return
         scores = {"sub_scores": msg.sub_scores, "reasoning": msg.reasoning, "worker_id": msg.worker_id}
         turn.scored.append((msg.group_id, [float(o) for o in msg.overall], scores))
+
+    def _after_scores(self, turn: Turn, scored: list[bool], dropped: list[bool]) -> None:
+        for (group_id, _, _), ok in zip(turn.scored, scored, strict=True):
+            self.payloads.pop(group_id, None)
+            if ok:
+                self.gauges["results"] += 1
+                self.log.debug("group_scored", group_id=group_id)
+            else:
+                self.gauges["duplicate_results"] += 1
+                self.log.info("score_result_duplicate", group_id=group_id)
+        for (group_id, _), ok in zip(turn.unscorable, dropped, strict=True):
+            self.payloads.pop(group_id, None)
+            if ok:
+                self.log.warning("group_dropped_unscorable", group_id=group_id)
 
     def _unscored(self, group_id: str, turn: Turn) -> None:
         """Some edit could not be scored: requeue the group once, then drop it (counted). Never invent a score."""
@@ -322,34 +418,41 @@ class Broker:
 
     def _check_workers(self) -> None:
         now = time.monotonic()
-        for identity, worker in list(self.workers.items()):
+        for worker_id, worker in list(self.workers.items()):
             if now - worker.last_seen > wire.SCORER_LIVENESS_S:
-                del self.workers[identity]
-                self.log.warning("scorer_dead", worker_id=worker.worker_id, jobs=len(worker.jobs))
-                for job_id in worker.jobs:
+                del self.workers[worker_id]
+                self.log.warning("scorer_dead", worker_id=worker_id, jobs=len(worker.jobs))
+                for job_id in list(worker.jobs):
                     self._requeue(job_id, "worker_dead")
         for job_id, job in list(self.jobs.items()):
             if job.deadline < now:
-                worker = self.workers.get(job.identity)
+                worker = self.workers.get(job.worker_id)
                 if worker is not None:
                     worker.jobs.discard(job_id)
+                    worker.misses += 1
+                    if worker.misses >= wire.QUARANTINE_AFTER_MISSES and not worker.quarantined:
+                        worker.quarantined = True
+                        self.gauges["scorers_quarantined"] += 1
+                        self.log.error("scorer_quarantined", worker_id=worker.worker_id, misses=worker.misses)
                 self._requeue(job_id, "deadline")
 
     def _requeue(self, job_id: str, reason: str) -> None:
         job = self.jobs.pop(job_id, None)
         if job is not None:
             self.gauges[f"requeued/{reason}"] += 1
-            self.log.warning("score_requeued", group_id=job.group_id, reason=reason)
+            self.log.warning("score_requeued", group_id=job.group_id, reason=reason, worker_id=job.worker_id)
             self.queue.appendleft(job.group_id)
 
     def _dispatch(self) -> None:
         for worker in self.workers.values():
+            if worker.quarantined:
+                continue
             while self.queue and len(worker.jobs) < worker.capacity:
                 group_id = self.queue.popleft()
                 payload = self.payloads.get(group_id) or self._load_payload(group_id)
                 if payload is None:
                     continue  # no longer pending (scored by a late result, or dropped)
-                job = Job(new_id(), group_id, worker.identity, time.monotonic() + self.score_deadline_s)
+                job = Job(new_id(), group_id, worker.worker_id, time.monotonic() + self.score_deadline_s)
                 self.jobs[job.job_id] = job
                 worker.jobs.add(job.job_id)
                 self._send(worker.identity, wire.ScoreJob(job.job_id, group_id, *payload))
@@ -369,10 +472,15 @@ class Broker:
     def _on_publish(self, identity: bytes, msg: wire.PublishWeights) -> None:
         info = wire.weights_from_dict(msg.weights)
         if info.version > self.weights["version"]:
+            try:
+                self.store.set_meta("weights", wire.weights_dict(info))
+                self.store.set_meta("learner_step", max(self.learner_step, msg.learner_step))
+            except lmdb.Error as exc:
+                self.log.error("storage_write_failed", error=str(exc)[:200], what="weights")
+                self._send(identity, wire.Wait(msg.request_id, wire.STORAGE_RETRY_S, "storage_unavailable", {}))
+                return
             self.weights = wire.weights_dict(info)
             self.learner_step = max(self.learner_step, msg.learner_step)
-            self.store.set_meta("weights", self.weights)
-            self.store.set_meta("learner_step", self.learner_step)
             self.log.info("weights_published", version=info.version, uri=info.uri, learner_step=msg.learner_step)
         self._send(identity, wire.Ack(msg.request_id, True, "published", self.weights))
 
@@ -385,8 +493,11 @@ class Broker:
                 "queue/jobs_inflight": len(self.jobs),
                 "queue/ready": self.store.ready_count(),
                 "scorers": len(self.workers),
+                "scorers_live": sum(not w.quarantined for w in self.workers.values()),
                 "leases": len(self.leases),
                 "weights_version": int(self.weights["version"]),
+                "learner_step": self.learner_step,
+                "storage_ok": int(self.storage_ok),
             }
         )
         return out

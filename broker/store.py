@@ -32,7 +32,7 @@ import lmdb
 import msgpack
 
 _SEQ = struct.Struct(">Q")  # big-endian so LMDB's byte order is numeric order
-_DBS = ("groups", "status", "pending", "ready", "stored", "meta")
+_DBS = ("groups", "status", "pending", "ready", "stored", "meta", "leases", "batches")
 
 COUNTER_KEYS = (
     "ingested",
@@ -43,7 +43,24 @@ COUNTER_KEYS = (
     "dropped_unscorable",
     "evicted",
     "evicted_unconsumed",
+    "reserved",
+    "reserve_missing",
 )
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One learner rank's request: groups for training step ``step`` from position ``offset`` of its batch."""
+
+    rank: int
+    step: int
+    offset: int
+    max_groups: int
+    min_version: int
+
+    @property
+    def batch_key(self) -> bytes:
+        return f"{self.rank}:{self.step:012d}".encode()
 
 
 @dataclass
@@ -52,7 +69,6 @@ class TurnResult:
     scored: list[bool]  # per result: pending → ready (False = late duplicate)
     dropped: list[bool]  # per unscorable: pending → unscorable
     samples: list[tuple[list[tuple[str, bytes, list[float]]], int]]  # per request: (groups, n_stale)
-    task_indices: list[int]  # raw task-cursor values handed out
     counters: dict[str, int]  # durable counters after the turn
 
 
@@ -84,6 +100,8 @@ class ReplayStore:
             subdir=True,
         )
         self.db = {name: self.env.open_db(name.encode(), create=not readonly) for name in _DBS}
+        self.resizes = 0
+        self.on_resize: Callable[[int], None] | None = None
         if not readonly:
             self.env.reader_check()  # clear reader slots left by killed processes
 
@@ -96,7 +114,11 @@ class ReplayStore:
                 with self.env.begin(write=True) as txn:
                     return fn(txn)
             except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                new_size = self.env.info()["map_size"] * 2
+                self.env.set_mapsize(new_size)
+                self.resizes += 1
+                if self.on_resize is not None:
+                    self.on_resize(new_size)
 
     def _get_meta(self, txn: lmdb.Transaction, key: str, default: Any) -> Any:
         raw = txn.get(key.encode(), db=self.db["meta"])
@@ -127,17 +149,20 @@ class ReplayStore:
         inserts: Sequence[tuple[str, bytes, dict[str, Any]]] = (),
         scored: Sequence[tuple[str, list[float], dict[str, Any]]] = (),
         unscorable: Sequence[tuple[str, str]] = (),
-        samples: Sequence[tuple[int, int]] = (),  # (max_groups, min_version) per learner request
-        leases: int = 0,  # task-cursor advances
-        n_tasks: int = 1,
+        samples: Sequence[SampleSpec] = (),
+        task_cursor: int | None = None,  # the new durable task cursor (None: unchanged)
+        lease_puts: Sequence[tuple[str, dict[str, Any]]] = (),
+        lease_deletes: Sequence[str] = (),
     ) -> TurnResult:
         """Apply a loop turn's writes in one transaction, in this order: inserts, scores, drops, samples, leases.
 
         Samples are answered from groups committed by this transaction or earlier ones. A turn with only sample
-        requests and an empty replay writes nothing (no fsync).
+        requests, none of which can be answered, writes nothing (no fsync).
         """
-        if not (inserts or scored or unscorable or leases) and (not samples or self.ready_count() == 0):
-            return TurnResult([], [], [], [([], 0) for _ in samples], [], self.counters())
+        if not (
+            inserts or scored or unscorable or task_cursor is not None or lease_puts or lease_deletes
+        ) and not self._samples_need_write(samples):
+            return TurnResult([], [], [], [([], 0) for _ in samples], self.counters())
 
         def txn_fn(txn: lmdb.Transaction) -> TurnResult:
             counters = self._get_meta(txn, "counters", {})
@@ -145,14 +170,55 @@ class ReplayStore:
                 inserted=self._insert(txn, counters, list(inserts)),
                 scored=[self._mark_scored(txn, counters, *item) for item in scored],
                 dropped=[self._mark_unscorable(txn, counters, *item) for item in unscorable],
-                samples=[self._take_ready(txn, counters, *req) for req in samples],
-                task_indices=self._advance_cursor(txn, leases, n_tasks),
-                counters={**dict.fromkeys(COUNTER_KEYS, 0), **counters},
+                samples=[self._sample(txn, counters, spec) for spec in samples],
+                counters={},
             )
+            if task_cursor is not None:
+                self._put_meta(txn, "task_cursor", task_cursor)
+            for lease_id in lease_deletes:
+                txn.delete(lease_id.encode(), db=self.db["leases"])
+            for lease_id, info in lease_puts:
+                txn.put(lease_id.encode(), msgpack.packb(info, use_bin_type=True), db=self.db["leases"])
             self._put_meta(txn, "counters", counters)
+            result.counters = {**dict.fromkeys(COUNTER_KEYS, 0), **counters}
             return result
 
         return self._write(txn_fn)
+
+    def _samples_need_write(self, samples: Sequence[SampleSpec]) -> bool:
+        if not samples:
+            return False
+        if self.ready_count() > 0:
+            return True
+        with self.env.begin() as txn:  # a resumed learner re-requesting an assigned step
+            return any(spec.offset < len(self._assigned(txn, spec)) for spec in samples)
+
+    def _assigned(self, txn: lmdb.Transaction, spec: SampleSpec) -> list[str]:
+        raw = txn.get(spec.batch_key, db=self.db["batches"])
+        return [] if raw is None else msgpack.unpackb(raw, raw=False)
+
+    def _sample(
+        self, txn: lmdb.Transaction, counters: dict[str, int], spec: SampleSpec
+    ) -> tuple[list[tuple[str, bytes, list[float]]], int]:
+        """Groups for (rank, step) from ``offset``: the recorded assignment first (a resumed learner), then new
+        ready groups, which are appended to the assignment."""
+        assigned = self._assigned(txn, spec)
+        if spec.offset < len(assigned):
+            out = []
+            for gid in assigned[spec.offset : spec.offset + spec.max_groups]:
+                record = txn.get(gid.encode(), db=self.db["groups"])
+                status = self._status(txn, gid.encode())
+                if record is None or status is None:  # evicted by capacity since: counted, cannot be re-served
+                    _add(counters, reserve_missing=1)
+                    continue
+                out.append((gid, bytes(record), status["rewards"]))
+            _add(counters, reserved=len(out))
+            return out, 0
+        taken, stale = self._take_ready(txn, counters, spec.max_groups, spec.min_version)
+        if taken and spec.rank >= 0:  # rank -1: an unrecorded pop (tools, tests)
+            assigned += [gid for gid, _, _ in taken]
+            txn.put(spec.batch_key, msgpack.packb(assigned, use_bin_type=True), db=self.db["batches"])
+        return taken, stale
 
     def insert_groups(self, items: Iterable[tuple[str, bytes, dict[str, Any]]]) -> list[bool]:
         """Store groups ``(group_id, record, info)`` as pending in ONE fsync'd transaction.
@@ -173,7 +239,7 @@ class ReplayStore:
     def take_ready(self, max_groups: int, min_version: int) -> tuple[list[tuple[str, bytes, list[float]]], int]:
         """Pop up to ``max_groups`` ready groups (oldest first) → consumed; groups older than ``min_version`` are
         dropped as stale on the way (counted). Returns ``([(group_id, record, rewards)], n_dropped_stale)``."""
-        return self.commit_turn(samples=[(max_groups, min_version)]).samples[0]
+        return self.commit_turn(samples=[SampleSpec(-1, -1, 0, max_groups, min_version)]).samples[0]
 
     def _insert(self, txn: lmdb.Transaction, counters: dict[str, int], items: list) -> list[bool]:
         seq = self._get_meta(txn, "next_seq", 0)
@@ -270,17 +336,10 @@ class ReplayStore:
             _add(counters, evicted=1)
 
     def next_task(self, n_tasks: int) -> tuple[int, int]:
-        """Advance the durable task cursor; returns ``(task_index, epoch)``."""
-        cursor = self.commit_turn(leases=1, n_tasks=n_tasks).task_indices[0]
+        """Advance the durable task cursor by one; returns ``(task_index, epoch)``."""
+        cursor = self.get_meta("task_cursor", 0)
+        self.commit_turn(task_cursor=cursor + 1)
         return cursor % n_tasks, cursor // n_tasks
-
-    def _advance_cursor(self, txn: lmdb.Transaction, leases: int, n_tasks: int) -> list[int]:
-        """Advance the task cursor ``leases`` times; returns the raw cursor values (index = value % n_tasks)."""
-        if leases <= 0:
-            return []
-        cursor = self._get_meta(txn, "task_cursor", 0)
-        self._put_meta(txn, "task_cursor", cursor + leases)
-        return list(range(cursor, cursor + leases))
 
     def set_meta(self, key: str, value: Any) -> None:
         self._write(lambda txn: self._put_meta(txn, key, value))
@@ -298,6 +357,15 @@ class ReplayStore:
         counters = {k: 0 for k in COUNTER_KEYS}
         counters.update(self.get_meta("counters", {}))
         return counters
+
+    def leases(self) -> dict[str, dict[str, Any]]:
+        """Outstanding task leases (lease_id → {task_index, actor_id, ...}) as of the last commit."""
+        with self.env.begin() as txn:
+            return {k.decode(): msgpack.unpackb(v, raw=False) for k, v in txn.cursor(db=self.db["leases"])}
+
+    def batch_assignment(self, rank: int, step: int) -> list[str]:
+        with self.env.begin() as txn:
+            return self._assigned(txn, SampleSpec(rank, step, 0, 0, 0))
 
     def pending_ids(self) -> list[str]:
         with self.env.begin() as txn:

@@ -6,6 +6,7 @@ Heavy imports (torch, diffusers, zmq) happen only after this returns, so ``--hel
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -39,6 +40,9 @@ def start_role(
         raise SystemExit(2) from None
     index = proc_id(args, cfg) if proc_id is not None else getattr(args, "id", 0)
     set_process_title(f"editrl::{role}-{index}")
+    pid_dir = cfg.run_dir / "pids"  # who is who, for operators and fault tests (kill by pid)
+    pid_dir.mkdir(parents=True, exist_ok=True)
+    (pid_dir / f"{role}-{index}.pid").write_text(f"{os.getpid()}\n")
     return args, cfg, setup_logging(role, index, cfg.run_dir)
 
 

@@ -25,6 +25,8 @@ from editrl.common.config import TopologyConfig
 
 GRACE_S = 10.0
 RESTART_BACKOFF_S = 2.0
+QUICK_CRASH_S = 10.0  # a child that dies this soon after start is crash-looping
+MAX_QUICK_CRASHES = 5  # ... and after this many in a row the run stops (exit 1) instead of looping forever
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Child:
     restart: bool
     proc: subprocess.Popen | None = None
     restarts: int = 0
+    quick_crashes: int = 0
     started: float = 0.0
     log_files: list = field(default_factory=list)
 
@@ -69,7 +72,7 @@ def plan(cfg: TopologyConfig, config_path: str, max_steps: int | None) -> list[C
     ]  # fmt: skip
     if max_steps is not None:
         learner += ["--max-steps", str(max_steps)]
-    children.append(Child("learner", 0, learner, restart=False))
+    children.append(Child("learner", 0, learner, restart=True))
     return children
 
 
@@ -80,6 +83,7 @@ class Supervisor:
         self.log_dir = cfg.run_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.stopping = False
+        self.exit_code = 0
 
     def start(self, child: Child) -> None:
         out = open(self.log_dir / f"{child.name}.out", "ab")  # noqa: SIM115 - owned by the child's lifetime
@@ -117,7 +121,6 @@ class Supervisor:
         for child in others:
             self.start(child)
         learner = self.children[-1]
-        code = 0
         while not self.stopping:
             time.sleep(0.5)
             for child in self.children:
@@ -125,19 +128,23 @@ class Supervisor:
                 rc = child.proc.poll()
                 if rc is None:
                     continue
-                if child is learner:
+                if child is learner and rc == 0:  # done (max steps reached)
                     self.log.info("learner_exited", returncode=rc)
-                    code = rc
                     self.stopping = True
                     break
                 self.log.warning("process_exited", name=child.name, returncode=rc, restarts=child.restarts)
-                if child.restart:
-                    if time.monotonic() - child.started < 10:  # crash loop: back off
-                        time.sleep(RESTART_BACKOFF_S)
-                    child.restarts += 1
-                    self.start(child)
+                quick = time.monotonic() - child.started < QUICK_CRASH_S
+                child.quick_crashes = child.quick_crashes + 1 if quick else 0
+                if not child.restart or child.quick_crashes > MAX_QUICK_CRASHES:
+                    self.log.error("giving_up", name=child.name, returncode=rc, quick_crashes=child.quick_crashes)
+                    self.exit_code, self.stopping = 1, True
+                    break
+                if quick:  # crash loop: back off
+                    time.sleep(RESTART_BACKOFF_S)
+                child.restarts += 1  # the learner resumes from its last checkpoint; the others are stateless
+                self.start(child)
         self.stop_all()
-        return code
+        return self.exit_code
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ANN001
         self.stopping = True

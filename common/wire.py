@@ -41,9 +41,11 @@ ALLOWED_DTYPES = frozenset({"float32", "float64", "float16", "int64", "int32", "
 # Liveness and deadlines (seconds).
 HEARTBEAT_INTERVAL_S = 1.0
 SCORER_LIVENESS_S = 5.0  # a scorer silent this long is dead; its job is requeued
-SCORE_JOB_DEADLINE_S = 60.0  # a job not answered in this time is requeued
+SCORE_JOB_DEADLINE_S = 60.0  # a job not answered in this time is requeued (the scorer heartbeats but is stuck)
+QUARANTINE_AFTER_MISSES = 2  # a scorer that missed this many deadlines gets no more jobs
 LEASE_TIMEOUT_S = 300.0  # an actor that holds a lease this long without sending its group loses it
-REQUEST_TIMEOUT_S = 30.0  # client-side wait for a broker reply before resending
+REQUEST_TIMEOUT_S = 5.0  # client-side wait for a broker reply before resending the same message (same ids)
+STORAGE_RETRY_S = 1.0  # after a failed LMDB commit, clients are told to retry after this long
 
 
 class WireError(ValueError):
@@ -192,10 +194,18 @@ class ScoreResult:
 
 @dataclass
 class SampleRequest:
-    """learner rank → broker: up to ``max_groups`` complete scored groups no older than ``min_version``."""
+    """learner rank → broker: up to ``max_groups`` complete scored groups no older than ``min_version`` for training
+    step ``step``, of which the rank already holds ``offset``.
+
+    The broker records which groups it handed to (rank, step). A learner resumed from a checkpoint asks again for
+    the steps after it and gets the SAME groups back (from ``offset``), so no group is trained twice in the model's
+    lineage and none is skipped by the resume.
+    """
 
     request_id: str
     rank: int
+    step: int
+    offset: int
     max_groups: int
     min_version: int
 

@@ -85,6 +85,7 @@ class Learner:
             groups, rewards, wait_s = self.sample_batch(should_stop)
             stats = self.train_step(groups, rewards)
             self.step += 1
+            self.log.info("batch_trained", step=self.step, rank=self.rank, group_ids=[g.group_id for g in groups])
             if self.step % self.cfg.learner.publish_every == 0:
                 self.publish()
             if self.step % self.cfg.learner.checkpoint_every == 0:
@@ -99,10 +100,10 @@ class Learner:
         wait_s = 0.0
         min_version = self.version - self.cfg.broker.max_staleness
         while len(groups) < self.groups_per_rank:
-            reply = self.client.request(
-                wire.SampleRequest(new_id(), self.rank, self.groups_per_rank - len(groups), min_version),
-                should_stop=should_stop,
+            request = wire.SampleRequest(
+                new_id(), self.rank, self.step + 1, len(groups), self.groups_per_rank - len(groups), min_version
             )
+            reply = self.client.request(request, should_stop=should_stop)
             if isinstance(reply, wire.Wait):
                 wait_s += reply.retry_after_s
                 time.sleep(reply.retry_after_s)

@@ -8,6 +8,7 @@ broker requeues it once, then drops it, counted): a score is never invented.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 
@@ -32,15 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     sock.setsockopt(zmq.ROUTING_ID, worker_id.encode())
     sock.connect(cfg.broker.endpoint)
     should_stop = stop_flag()
+    done = threading.Event()
+    beat = threading.Thread(target=_heartbeats, args=(ctx, cfg.broker.endpoint, worker_id, done), daemon=True)
+    beat.start()
 
-    sock.send_multipart(wire.encode(wire.ScorerReady(worker_id, cfg.scorers.backend, 1)))
-    last_beat = time.monotonic()
+    ready = wire.encode(wire.ScorerReady(worker_id, cfg.scorers.backend, 1))
+    sock.send_multipart(ready)
+    last_ready = time.monotonic()
     n_jobs = 0
     log.info("scorer_started", backend=cfg.scorers.backend, endpoint=cfg.broker.endpoint)
     while not should_stop():
-        if time.monotonic() - last_beat >= wire.HEARTBEAT_INTERVAL_S:
-            sock.send_multipart(wire.encode(wire.Heartbeat(worker_id)))
-            last_beat = time.monotonic()
+        if time.monotonic() - last_ready >= wire.HEARTBEAT_INTERVAL_S:
+            sock.send_multipart(ready)  # idle re-announcement: re-registers us with a restarted broker
+            last_ready = time.monotonic()
         if not sock.poll(100):
             continue
         try:
@@ -53,12 +58,31 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         result = score_job(backend, job, worker_id, log)
         sock.send_multipart(wire.encode(result))
-        last_beat = time.monotonic()
         n_jobs += 1
         log.debug("job_scored", group_id=job.group_id, seconds=round(time.monotonic() - t0, 4), n_jobs=n_jobs)
+    done.set()
     log.info("scorer_stopped", jobs=n_jobs)
     sock.close(linger=0)
     return 0
+
+
+def _heartbeats(ctx, endpoint: str, worker_id: str, done) -> None:  # noqa: ANN001
+    """Heartbeat from a thread of its own (own socket), so a long scoring call still proves the process alive;
+    whether the scoring itself progresses is the broker's per-job deadline."""
+    import os
+
+    import zmq
+
+    from editrl.common import wire
+    from editrl.common.net import harden
+
+    sock = harden(ctx.socket(zmq.DEALER))
+    sock.setsockopt(zmq.ROUTING_ID, f"{worker_id}-hb-{os.getpid()}".encode())
+    sock.connect(endpoint)
+    beat = wire.encode(wire.Heartbeat(worker_id))
+    while not done.wait(wire.HEARTBEAT_INTERVAL_S):
+        sock.send_multipart(beat)
+    sock.close(linger=0)
 
 
 def score_job(backend, job, worker_id: str, log):  # noqa: ANN001 - typed in the docstring

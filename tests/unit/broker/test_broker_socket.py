@@ -77,13 +77,13 @@ def test_lease_ingest_score_sample_round_trip(broker):
     learner = _dealer(ctx, b.endpoint, "learner")
     deadline = time.monotonic() + 5
     while True:
-        reply = _ask(learner, wire.SampleRequest("s1", 0, 4, 0))
+        reply = _ask(learner, wire.SampleRequest("s1", 0, 1, 0, 4, 0))
         if isinstance(reply, wire.Batch) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert isinstance(reply, wire.Batch) and reply.rewards == [[2.0, 6.0]]
     assert wire.decode(wire.decode_record(reply.groups[0])).group_id == "g1"
-    assert isinstance(_ask(learner, wire.SampleRequest("s2", 0, 4, 0)), wire.Wait)  # consumed exactly once
+    assert isinstance(_ask(learner, wire.SampleRequest("s2", 0, 2, 0, 4, 0)), wire.Wait)  # consumed exactly once
     counters = _ask(learner, wire.StatusRequest("st")).counters
     assert counters["ingested"] == 1 and counters["duplicate_groups"] == 1 and counters["consumed"] == 1
     assert counters["duplicate_results"] == 1
