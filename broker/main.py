@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         score_deadline_s=cfg.broker.score_deadline_s,
     )
     should_stop = stop_flag()
+    # Past a file-size limit the kernel sends SIGXFSZ, whose default action kills the process. Ignored, the write
+    # fails with EFBIG instead: the commit fails, nothing is acknowledged, and the broker keeps running.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         broker.run(should_stop=should_stop)
     finally:

@@ -195,7 +195,10 @@ class Broker:
                     self._reject(identity, exc)
                     continue
                 turn.size += 1
-                self._classify(identity, msg, turn)
+                try:
+                    self._classify(identity, msg, turn)
+                except wire.WireError as exc:  # valid framing, invalid content (e.g. a bad weights map)
+                    self._reject(identity, exc)
         if turn.has_writes():
             self._commit(turn)
         self._check_workers()

@@ -456,12 +456,13 @@ class HandshakeWatch:
             if value in _TIMEOUT_ERRNOS:
                 self.timeouts += 1  # the server accepted the TCP connection but never answered: not a key problem
                 return
-            self._dropped(ep, f"the server closed the connection during the handshake ({_errno_name(value)})", value)
+            what = f"the server closed the connection during the handshake ({_errno_name(value)})"
+            self._dropped(ep, what, "HANDSHAKE_FAILED_NO_DETAIL", value)
         elif kind == zmq.EVENT_DISCONNECTED and self._in_handshake:
             self._in_handshake = False
-            self._dropped(ep, "the server closed the connection before any handshake outcome", value)
+            self._dropped(ep, "the server closed the connection before any handshake outcome", "DISCONNECTED", value)
 
-    def _dropped(self, ep: str, what: str, value: int) -> None:
+    def _dropped(self, ep: str, what: str, event: str, value: int) -> None:
         self.failures += 1
         if self.failures < self.max_failures:
             return
@@ -471,7 +472,7 @@ class HandshakeWatch:
             if self.curve
             else "the server probably requires a security mechanism this process does not use (security.curve)"
         )
-        self._fail(f"{mech} with {ep} failed {self.failures} times in a row: {what}; {hint}", ep, "dropped", value)
+        self._fail(f"{mech} with {ep} failed {self.failures} times in a row: {what}; {hint}", ep, event, value)
 
     def _protocol_text(self, value: int) -> str:
         if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass
@@ -302,6 +303,13 @@ def _pack_value(value: Any, frames: list[bytes | memoryview]) -> Any:
 
 def decode(frames: list[bytes] | list[Any]) -> Any:
     """Multipart frames → message dataclass, fully validated. Raises WireError."""
+    try:
+        return _decode(frames)
+    except RecursionError:
+        raise WireError("too_deep", "nesting exceeds the decoder's recursion limit") from None
+
+
+def _decode(frames: list[bytes] | list[Any]) -> Any:
     if not frames:
         raise WireError("empty", "no frames")
     if len(frames) > MAX_FRAMES:
@@ -326,18 +334,19 @@ def decode(frames: list[bytes] | list[Any]) -> Any:
         raise WireError("bad_msgpack", type(exc).__name__) from None
     if not isinstance(meta, dict) or set(meta) != {"proto", "type", "fields"}:
         raise WireError("bad_envelope", "expected keys proto, type, fields")
-    if meta["proto"] != PROTOCOL_VERSION:
-        raise WireError("bad_protocol_version", f"got {meta['proto']!r}, speak {PROTOCOL_VERSION}")
+    proto = meta["proto"]
+    if not isinstance(proto, int) or isinstance(proto, bool) or proto != PROTOCOL_VERSION:
+        raise WireError("bad_protocol_version", f"got {_short(proto)}, speak {PROTOCOL_VERSION}")
     cls = MESSAGE_TYPES.get(meta["type"]) if isinstance(meta["type"], str) else None
     if cls is None:
-        raise WireError("unknown_type", repr(meta["type"])[:64])
+        raise WireError("unknown_type", _short(meta["type"]))
     fields = meta["fields"]
     if not isinstance(fields, dict):
         raise WireError("bad_fields", "fields must be a map")
     hints = _HINTS[cls]
     unknown = set(fields) - set(hints)
     if unknown:
-        raise WireError("unknown_field", f"{cls.__name__}: {sorted(unknown)[:5]}")
+        raise WireError("unknown_field", f"{cls.__name__}: {sorted(_short(k) for k in unknown)[:5]}")
     missing = set(hints) - set(fields)
     if missing:
         raise WireError("missing_field", f"{cls.__name__}: {sorted(missing)[:5]}")
@@ -346,6 +355,15 @@ def decode(frames: list[bytes] | list[Any]) -> Any:
     if len(used) != len(raw) - 1:
         raise WireError("frame_count", f"{len(raw) - 1} payload frames, {len(used)} referenced")
     return cls(**kwargs)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 40, 40
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for error messages: attacker-controlled values may be nested ~1000 deep."""
+    return _REPR.repr(value)
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
@@ -381,8 +399,8 @@ def _unpack_value(value: Any, hint: Any, raw: list[Any], used: set[int], where: 
         (item,) = typing.get_args(hint)
         return [_unpack_value(v, item, raw, used, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
-        if not isinstance(value, dict):
-            raise WireError("wrong_type", f"{where}: expected map")
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise WireError("wrong_type", f"{where}: expected a map with string keys")
         _, item = typing.get_args(hint)
         return {k: _unpack_value(v, item, raw, used, f"{where}.{k}") for k, v in value.items()}
     if hint is float:
@@ -411,6 +429,8 @@ def _check_plain(value: Any, where: str, depth: int) -> Any:
     if isinstance(value, list):
         return [_check_plain(v, where, depth + 1) for v in value]
     if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise WireError("wrong_type", f"{where}: map keys must be strings")
         if "$nd" in value or "$b" in value:
             raise WireError("wrong_type", f"{where}: payload reference in plain field")
         return {k: _check_plain(v, where, depth + 1) for k, v in value.items()}
@@ -424,7 +444,7 @@ def _unpack_array(value: Any, raw: list[Any], used: set[int], where: str) -> np.
         raise WireError("wrong_type", f"{where}: expected array")
     dtype, shape = value["dtype"], value["shape"]
     if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
-        raise WireError("bad_dtype", f"{where}: {str(dtype)[:32]}")
+        raise WireError("bad_dtype", f"{where}: {_short(dtype)}")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_NDIM

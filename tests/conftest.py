@@ -18,3 +18,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from editrl.common.tiny import build_tiny_flux_kontext
 
     return build_tiny_flux_kontext(tmp_path_factory.mktemp("tiny_flux_kontext"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def quickstart_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic quickstart task set (16 tasks, 64×64 PNGs), written once per session."""
+    from editrl.common.tasks import make_quickstart_tasks
+
+    return make_quickstart_tasks(tmp_path_factory.mktemp("tasks"), n_tasks=16, size=64, seed=0)

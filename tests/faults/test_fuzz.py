@@ -53,10 +53,11 @@ FUZZ_TYPES = [
     )
     if t in wire.MESSAGE_TYPES
 ]  # fmt: skip
+SEMANTIC = {"bad_weights"}  # categories the decoder may accept (the broker's handler must reject them)
 # broker → client messages: they decode, and the broker must reject them as unexpected.
 REPLY_TYPES = [t for t in ("Lease", "Wait", "Ack", "ScoreJob", "Batch", "Status") if t in wire.MESSAGE_TYPES]
 WEIGHTS = {"version": 0, "uri": "", "sha256": "", "kind": "lora"}
-DEEP = "\x00deep-nesting-splice\x00"  # a string placeholder replaced by raw nested MessagePack bytes
+RAW = "\x00raw-msgpack-splice\x00"  # a string placeholder replaced by raw MessagePack bytes (deep nesting, ext)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,9 +92,10 @@ class BrokerProc:
     endpoint: str
     run_dir: Path
     stderr_path: Path
+    note: str = ""  # what the oracle already found (shown when the broker dies)
 
     def stderr_tail(self, n: int = 4000) -> str:
-        return self.stderr_path.read_text(errors="replace")[-n:]
+        return self.stderr_path.read_text(errors="replace")[-n:] + self.note
 
 
 @pytest.fixture
@@ -188,19 +190,19 @@ def _template(type_name: str) -> tuple[dict[str, Any], list[bytes]]:
     return msgpack.unpackb(frames[0], raw=False), [bytes(f) for f in frames[1:]]
 
 
-def _pack(meta: Any, payload: list[bytes], deep: bytes | None = None) -> list[bytes]:
+def _pack(meta: Any, payload: list[bytes], raw: bytes | None = None) -> list[bytes]:
     head = msgpack.packb(meta, use_bin_type=True)
-    if deep is not None:
-        token = msgpack.packb(DEEP, use_bin_type=True)
-        assert head.count(token) == 1
-        head = head.replace(token, deep)
+    if raw is not None:
+        token = msgpack.packb(RAW, use_bin_type=True)
+        assert token in head
+        head = head.replace(token, raw)
     return [head, *payload]
 
 
-def _set_field(type_name: str, name: str, value: Any, deep: bytes | None = None) -> list[bytes]:
+def _set_field(type_name: str, name: str, value: Any, raw: bytes | None = None) -> list[bytes]:
     meta, payload = _template(type_name)
     meta["fields"][name] = value
-    return _pack(meta, payload, deep)
+    return _pack(meta, payload, raw)
 
 
 def _array_fields(type_name: str) -> list[str]:
@@ -290,15 +292,14 @@ def _array_cases() -> list[Case]:
     t = "RolloutGroup"
     meta, payload = _template(t)
     for name in _array_fields(t):
-        ref = meta["fields"][name]
-        idx = ref["$nd"]
+        idx = meta["fields"][name]["$nd"]
 
-        def variant(cat: str, label: str, ref_update: dict[str, Any], frame: bytes | None = None) -> None:
+        def variant(cat: str, label: str, update: dict[str, Any], frame: bytes | None = None, name: str = name) -> None:
             m = copy.deepcopy(meta)
-            m["fields"][name] = {**ref, **ref_update}
+            m["fields"][name].update(update)
             p = list(payload)
             if frame is not None:
-                p[idx - 1] = frame
+                p[m["fields"][name]["$nd"] - 1] = frame
             out.append(Case(cat, _pack(m, p), label=f"{t}.{name} {label}"))
 
         buf = payload[idx - 1]
@@ -426,17 +427,17 @@ def _map_key_cases() -> list[Case]:
     m, p = _template("StatusRequest")
     m["fields"].update({b"bin-key": 1, "str-key": 2})
     out.append(Case("non_str_key", _pack(m, p), label="StatusRequest unknown fields b'bin-key' and 'str-key'"))
-    out.append(Case("non_str_key", _set_field("PublishWeights", "weights", {b"version": 1, b"uri": "", b"sha256": "",
-                                                                             b"kind": "lora"}),
-                    label="PublishWeights.weights with bin keys"))  # fmt: skip
+    out.append(Case("non_str_key", _set_field("ScoreResult", "sub_scores", [{b"k": 1.0}, {}]), label="sub_scores b'k'"))
     return out
 
 
 def _semantic_cases() -> list[Case]:
-    """Well-typed messages whose values cannot be accepted (nested WeightsInfo missing keys or of wrong types)."""
+    """Well-typed messages whose values cannot be accepted (a nested WeightsInfo with missing or mistyped keys): the
+    decoder may pass them on, the broker must still reject them (under any reason)."""
     out = []
     for weights in ({}, {"version": 1}, {**WEIGHTS, "version": "two"}, {**WEIGHTS, "version": [1]},
-                    {**WEIGHTS, "version": None}, {"uri": "", "sha256": "", "kind": "lora"}):  # fmt: skip
+                    {**WEIGHTS, "version": None}, {"uri": "", "sha256": "", "kind": "lora"},
+                    {k.encode(): v for k, v in WEIGHTS.items()}):  # fmt: skip
         out.append(Case("bad_weights", _set_field("PublishWeights", "weights", weights), label=f"weights={weights}"))
     return out
 
@@ -444,17 +445,18 @@ def _semantic_cases() -> list[Case]:
 def _ext_cases() -> list[Case]:
     out = []
     for code in (0, 1, 5, 42, 127, -1, -2, -128):
-        ext = msgpack.ExtType(code, b"\x00" * (8 if code == -1 else 3))
-        out.append(Case("ext_type", _pack(ext, []), label=f"ext {code} as the whole metadata"))
+        # fixext 8 (code -1 with 8 bytes is a valid MessagePack timestamp; msgpack decodes it without the ext hook)
+        ext = b"\xd7" + code.to_bytes(1, "big", signed=True) + b"\x00\x00\x00\x01\x00\x00\x00\x02"
+        out.append(Case("ext_type", [ext], label=f"ext {code} as the whole metadata"))
         meta, payload = _template("RolloutGroup")
         for where in ("proto", "type", "fields"):
-            out.append(Case("ext_type", _pack({**meta, where: ext}, payload), label=f"ext {code} as {where}"))
-        for name, value in (("task_id", ext), ("edit_pngs", [ext, ext]), ("height", ext), ("guidance", ext),
-                            ("latents", {"$nd": ext, "dtype": "float32", "shape": [2, 3]}),
-                            ("sigmas", {"$nd": 3, "dtype": ext, "shape": [2, 3]}),
-                            ("cond", {"k": {"$nd": 5, "dtype": "float32", "shape": [ext]}})):  # fmt: skip
-            out.append(Case("ext_type", _set_field("RolloutGroup", name, value), label=f"ext {code} in {name}"))
-        out.append(Case("ext_type", _set_field("PublishWeights", "weights", {**WEIGHTS, "x": [ext]}),
+            out.append(Case("ext_type", _pack({**meta, where: RAW}, payload, ext), label=f"ext {code} as {where}"))
+        for name, value in (("task_id", RAW), ("edit_pngs", [RAW, RAW]), ("height", RAW), ("guidance", RAW),
+                            ("latents", {"$nd": RAW, "dtype": "float32", "shape": [2, 3]}),
+                            ("sigmas", {"$nd": 3, "dtype": RAW, "shape": [2, 3]}),
+                            ("cond", {"k": {"$nd": 5, "dtype": "float32", "shape": [RAW]}})):  # fmt: skip
+            out.append(Case("ext_type", _set_field("RolloutGroup", name, value, ext), label=f"ext {code} in {name}"))
+        out.append(Case("ext_type", _set_field("PublishWeights", "weights", {**WEIGHTS, "x": [RAW]}, ext),
                         label=f"ext {code} in weights"))  # fmt: skip
     ts = msgpack.Timestamp(1, 2)
     out.append(Case("ext_type", _set_field("PublishWeights", "weights", {**WEIGHTS, "t": ts}), label="timestamp"))
@@ -472,12 +474,12 @@ def _deep_cases() -> list[Case]:
             out.append(Case("deep_nesting", [deep], label=f"{label} as the metadata"))
             meta, payload = _template("RolloutGroup")
             for where in ("proto", "type"):
-                out.append(Case("deep_nesting", _pack({**meta, where: DEEP}, payload, deep), label=f"{label} {where}"))
-            for name, value in (("task_id", DEEP), ("edit_pngs", DEEP), ("cond", {"k": DEEP}),
-                                ("latents", {"$nd": 1, "dtype": DEEP, "shape": [2, 3]}),
-                                ("log_probs", {"$nd": 2, "dtype": "float32", "shape": DEEP})):  # fmt: skip
+                out.append(Case("deep_nesting", _pack({**meta, where: RAW}, payload, deep), label=f"{label} {where}"))
+            for name, value in (("task_id", RAW), ("edit_pngs", RAW), ("cond", {"k": RAW}),
+                                ("latents", {"$nd": 1, "dtype": RAW, "shape": [2, 3]}),
+                                ("log_probs", {"$nd": 2, "dtype": "float32", "shape": RAW})):  # fmt: skip
                 out.append(Case("deep_nesting", _set_field("RolloutGroup", name, value, deep), label=f"{label} {name}"))
-            out.append(Case("deep_nesting", _set_field("PublishWeights", "weights", {**WEIGHTS, "x": DEEP}, deep),
+            out.append(Case("deep_nesting", _set_field("PublishWeights", "weights", {**WEIGHTS, "x": RAW}, deep),
                             label=f"{label} weights"))  # fmt: skip
     return out
 
@@ -589,10 +591,12 @@ def test_broker_survives_and_counts_10k_malformed_messages(broker_proc):
         meta, payload = _template(name)
         assert type(wire.decode(_pack(meta, payload))).__name__ == name
     findings = [f"{c.category}: {c.label or c.frames[0][:60]!r} -> {c.outcome}" for c in corpus
-                if c.outcome[0] != "reject"]  # fmt: skip
+                if c.outcome[0] == "crash" or c.outcome[0] == "accept" and c.category not in SEMANTIC]  # fmt: skip
     expected = collections.Counter(c.outcome[1] for c in corpus if c.outcome[0] == "reject" and not c.throwaway)
     sent = collections.Counter(c.category for c in corpus)
     assert len(corpus) >= 10_000
+    if findings:
+        broker_proc.note = f"\n{len(findings)} decoder findings:\n" + "\n".join(findings)
 
     ctx = zmq.Context()
     try:
@@ -631,8 +635,9 @@ def test_broker_survives_and_counts_10k_malformed_messages(broker_proc):
 
     rejected = _rejected(status.counters)
     assert not findings, f"{len(findings)} malformed messages not rejected by wire.decode:\n" + "\n".join(findings)
+    # every message that reached the broker was rejected and counted once, under the reason the decoder gives
     assert sum(rejected.values()) == len(regular), (rejected, len(regular), dict(sent))
-    assert rejected == dict(expected)
+    assert all(rejected.get(reason, 0) >= n for reason, n in expected.items()), (rejected, dict(expected))
 
     broker_proc.proc.send_signal(signal.SIGTERM)
     assert broker_proc.proc.wait(15) == 0, broker_proc.stderr_tail()

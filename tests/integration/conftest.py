@@ -7,7 +7,6 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 
@@ -36,10 +35,3 @@ def write_topology(tmp_path: Path, model_dir: Path, tasks: Path, **sections: dic
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="session")
-def quickstart_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from editrl.common.tasks import make_quickstart_tasks
-
-    return make_quickstart_tasks(tmp_path_factory.mktemp("tasks"), n_tasks=16, size=64, seed=0)

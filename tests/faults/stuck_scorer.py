@@ -1,0 +1,30 @@
+"""A scorer that announces itself and heartbeats but never answers a job (a hung judge), as a real process.
+
+python stuck_scorer.py ENDPOINT WORKER_ID
+"""
+
+import sys
+import time
+
+import zmq
+
+from editrl.common import wire
+from editrl.common.net import harden
+
+
+def main() -> None:
+    endpoint, worker_id = sys.argv[1], sys.argv[2]
+    ctx = zmq.Context()
+    sock = harden(ctx.socket(zmq.DEALER))
+    sock.setsockopt(zmq.ROUTING_ID, worker_id.encode())
+    sock.connect(endpoint)
+    sock.send_multipart(wire.encode(wire.ScorerReady(worker_id, "metric", 1)))
+    while True:
+        sock.send_multipart(wire.encode(wire.Heartbeat(worker_id)))
+        if sock.poll(int(wire.HEARTBEAT_INTERVAL_S * 1000)):
+            sock.recv_multipart()  # a job: swallowed, never answered
+        time.sleep(0.1)
+
+
+if __name__ == "__main__":
+    main()

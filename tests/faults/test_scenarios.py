@@ -1,0 +1,164 @@
+"""Fault scenarios on real processes (`editrl up` on 127.0.0.1), each killed or stopped by pid, each ending with
+lost = 0 and duplicated = 0 over the recorded history (see harness.py for the classes)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from editrl.common import wire
+
+from .harness import FaultRun
+
+pytestmark = pytest.mark.faults
+
+STEPS = 12
+
+
+@pytest.fixture
+def fault_run(tmp_path, tiny_model_dir, quickstart_tasks):
+    runs: list[FaultRun] = []
+
+    def make(max_steps: int = STEPS, **sections) -> FaultRun:
+        sections.setdefault("learner", {})
+        sections["learner"] = {"checkpoint_every": 3, **sections["learner"]}
+        run = FaultRun(tmp_path, tiny_model_dir, quickstart_tasks, max_steps, **sections)
+        runs.append(run)
+        return run.start()
+
+    yield make
+    for run in runs:
+        run.abort()
+
+
+def _assert_clean(verdict) -> None:
+    assert not verdict.lost, f"lost: {verdict.lost[:5]} ({verdict.summary()})"
+    assert not verdict.duplicated, f"duplicated: {verdict.duplicated[:5]} ({verdict.summary()})"
+    assert not verdict.unexpected, f"unexpected: {verdict.unexpected[:5]} ({verdict.summary()})"
+    assert verdict.trained >= STEPS * 4
+
+
+def _hold_a_job(run: FaultRun, name: str) -> None:
+    """SIGSTOP ``name`` (a scorer) and wait until the broker has a job in flight on it."""
+    run.kill(name, signal.SIGSTOP)
+    run.wait_for(lambda: run.status()["queue/jobs_inflight"] >= 1, 30, f"a job in flight on stopped {name}")
+
+
+def test_kill_scorer_mid_job(fault_run):
+    run = fault_run(scorers={"count": 1})
+    run.wait_steps(3)
+    _hold_a_job(run, "scorer-0")
+    run.kill("scorer-0", signal.SIGKILL)  # dies holding the job: the broker requeues it; `up` restarts the scorer
+    verdict = run.finish()
+    _assert_clean(verdict)
+    assert run.events("broker-*", "score_requeued"), "the dead scorer's job was never requeued"
+    assert verdict.recovered
+
+
+def test_stopped_scorer_past_liveness_then_resumed_sends_a_late_duplicate(fault_run):
+    run = fault_run(scorers={"count": 2})
+    run.wait_steps(3)
+    _hold_a_job(run, "scorer-0")
+    run.wait_for(lambda: run.events("broker-*", "scorer_dead"), 30, "the broker to declare scorer-0 dead")
+    run.kill("scorer-0", signal.SIGCONT)  # wakes up and answers its stale job
+    run.wait_steps(8)
+    verdict = run.finish()
+    _assert_clean(verdict)
+    # its late result either completed the requeued group first or was recognised as a duplicate
+    assert run.events("broker-*", "score_result_duplicate") or verdict.recovered
+
+
+def test_scorer_that_heartbeats_but_never_answers_is_quarantined(fault_run, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = fault_run(scorers={"count": 1}, broker={"score_deadline_s": 2.0})
+    run.wait_steps(1)
+    stuck = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("stuck_scorer.py")), run.status_endpoint(), "scorer-stuck"]
+    )
+    try:
+        run.wait_for(lambda: run.events("broker-*", "scorer_quarantined"), 60, "scorer-stuck to be quarantined")
+        verdict = run.finish()
+    finally:
+        stuck.kill()
+        stuck.wait()
+    _assert_clean(verdict)
+    misses = [e for e in run.events("broker-*", "score_requeued") if e.get("reason") == "deadline"]
+    assert len(misses) >= wire.QUARANTINE_AFTER_MISSES
+
+
+def test_kill_actor_mid_group(fault_run):
+    run = fault_run(actors={"count": 2}, broker={"lease_timeout_s": 3.0})
+    run.wait_steps(3)
+    run.kill("actor-0", signal.SIGSTOP)  # holds a lease (sampling or awaiting its ack) ...
+    time.sleep(0.5)
+    run.kill("actor-0", signal.SIGKILL)  # ... and dies with it; the lease expires and its task is re-issued
+    run.wait_for(lambda: run.events("broker-*", "lease_expired"), 30, "the dead actor's lease to expire")
+    _assert_clean(run.finish())
+
+
+def test_kill_learner_mid_step_resumes_exactly(fault_run):
+    run = fault_run(max_steps=STEPS)
+    run.wait_steps(5)
+    run.kill("learner-0", signal.SIGKILL)  # the torchrun worker; `up` restarts torchrun, which resumes from DCP
+    verdict = run.finish()
+    _assert_clean(verdict)
+    resumed = run.events("learner-*", "checkpoint_resumed")
+    assert resumed and resumed[0]["step"] in (3, 6)
+
+
+def test_kill_broker_with_work_in_flight(fault_run):
+    run = fault_run(actors={"count": 2})
+    run.wait_steps(4)
+    run.kill("broker-0", signal.SIGKILL)  # `up` restarts it; it recovers everything from LMDB
+    verdict = run.finish()
+    _assert_clean(verdict)
+    starts = run.events("broker-*", "broker_started")
+    assert len(starts) == 2
+
+
+def test_stopped_learner_makes_actors_wait_with_bounded_work(fault_run):
+    run = fault_run(actors={"count": 2})
+    run.wait_steps(3)
+    run.kill("learner-0", signal.SIGSTOP)
+    time.sleep(6)
+    first = run.status()
+    time.sleep(4)
+    second = run.status()
+    # admission control: nothing new is generated while the learner is stopped; actors are told to wait
+    assert second["ingested"] == first["ingested"]
+    budget = (1 + 1 + second["learner_step"]) * 4
+    assert second["ingested"] + second["leases"] <= budget
+    assert second["lease_waits"] > first["lease_waits"]
+    run.kill("learner-0", signal.SIGCONT)
+    _assert_clean(run.finish())
+
+
+def test_lmdb_map_full_grows_and_loses_nothing(fault_run):
+    run = fault_run(broker={"map_size_bytes": 64 * 1024})
+    verdict = run.finish()
+    _assert_clean(verdict)
+    assert run.events("broker-*", "replay_map_resized")
+
+
+def test_disk_full_stops_acknowledging_then_recovers(fault_run):
+    import resource
+
+    run = fault_run(actors={"count": 1})
+    run.wait_steps(2)
+    pid = run.pid("broker-0")
+    data = run.run_dir / "replay.lmdb" / "data.mdb"
+    size = data.stat().st_size
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (size, size))  # the disk is "full" at the current size
+    run.wait_for(lambda: run.events("broker-*", "storage_write_failed"), 60, "a failed commit")
+    time.sleep(2)
+    assert run.status()["storage_ok"] == 0
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    run.wait_for(lambda: run.events("broker-*", "storage_recovered"), 60, "the broker to recover")
+    verdict = run.finish()
+    _assert_clean(verdict)
+    assert run.events("actor-*", "group_not_acknowledged")
