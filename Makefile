@@ -2,7 +2,7 @@
 PYTHON ?= python3
 DEMO_STEPS ?= 300
 
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test bench lint soak
 
 # torch first, pinned to the local CPU build, so nothing below resolves an unpinned torch to a multi-GB CUDA wheel.
 setup:
@@ -22,3 +22,7 @@ bench: setup
 
 lint:
 	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
+
+# Chaos soak (slow, not in `make test`): 10 minutes of random kills/stops of broker, actors and scorers.
+soak: setup
+	mkdir -p runs/soak && EDITRL_SOAK_OUT=runs/soak/result.json $(PYTHON) -m pytest -q -s -m slow tests/faults/test_soak.py

@@ -158,6 +158,7 @@ class Broker:
         self.learner_step: int = store.get_meta("learner_step") or 0  # learner step of the latest published weights
         self.payloads: dict[str, tuple[str, str, bytes, list[bytes]]] = {}  # ScoreJob fields of pending groups
         self.carry = Turn()  # score results and drops whose commit failed: retried next turn
+        self._rr = 0  # round-robin start among scorers
         self.storage_ok = True
         self._logged_reasons: set[str] = set()
         self.log.info(
@@ -447,12 +448,21 @@ class Broker:
             self.queue.appendleft(job.group_id)
 
     def _dispatch(self) -> None:
-        for worker in self.workers.values():
-            if worker.quarantined:
-                continue
-            while self.queue and len(worker.jobs) < worker.capacity:
+        """Round-robin, one job per worker per pass, so every live scorer gets work (and a stuck one is found)."""
+        workers = [w for w in self.workers.values() if not w.quarantined]
+        if not workers:
+            return
+        self._rr = (self._rr + 1) % len(workers)
+        workers = workers[self._rr :] + workers[: self._rr]
+        progress = True
+        while self.queue and progress:
+            progress = False
+            for worker in workers:
+                if not self.queue or len(worker.jobs) >= worker.capacity:
+                    continue
                 group_id = self.queue.popleft()
                 payload = self.payloads.get(group_id) or self._load_payload(group_id)
+                progress = True
                 if payload is None:
                     continue  # no longer pending (scored by a late result, or dropped)
                 job = Job(new_id(), group_id, worker.worker_id, time.monotonic() + self.score_deadline_s)

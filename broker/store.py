@@ -363,6 +363,15 @@ class ReplayStore:
         with self.env.begin() as txn:
             return {k.decode(): msgpack.unpackb(v, raw=False) for k, v in txn.cursor(db=self.db["leases"])}
 
+    def iter_batches(self) -> dict[tuple[int, int], list[str]]:
+        """Every recorded (rank, step) → group ids handed to that learner rank for that step."""
+        out = {}
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self.db["batches"]):
+                rank, step = k.decode().split(":")
+                out[(int(rank), int(step))] = msgpack.unpackb(v, raw=False)
+        return out
+
     def batch_assignment(self, rank: int, step: int) -> list[str]:
         with self.env.begin() as txn:
             return self._assigned(txn, SampleSpec(rank, step, 0, 0, 0))

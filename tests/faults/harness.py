@@ -47,6 +47,7 @@ class Verdict:
     acked: int = 0
     stored: int = 0
     trained: int = 0
+    in_flight: int = 0
 
     def summary(self) -> str:
         return (
@@ -69,6 +70,7 @@ def check_history(run_dir: Path) -> Verdict:
     store = ReplayStore(run_dir / "replay.lmdb", capacity=10**9, readonly=True)
     try:
         status = dict(store.iter_status())
+        batches = store.iter_batches()
     finally:
         store.close()
     lineage: dict[tuple[int, int], list[str]] = {}
@@ -79,7 +81,14 @@ def check_history(run_dir: Path) -> Verdict:
     requeued = {e["group_id"] for e in _events(run_dir, "broker-*.jsonl") if e["event"] == "score_requeued"}
     v = Verdict(acked=len(acked), stored=len(status), trained=sum(trained.values()))
     v.lost = sorted(g for g in acked if g not in status)
-    v.lost += sorted(g for g, st in status.items() if st["state"] == "consumed" and g not in trained)
+    # consumed by the broker but not in the lineage = skipped, unless handed out for a step the learner had not
+    # finished when the run ended (in flight at the end, not lost)
+    last_step = {rank: step for (rank, step) in sorted(lineage)}
+    in_flight = {g for (rank, step), gids in batches.items() if step > last_step.get(rank, 0) for g in gids}
+    v.in_flight = len(in_flight)
+    v.lost += sorted(
+        g for g, st in status.items() if st["state"] == "consumed" and g not in trained and g not in in_flight
+    )
     v.duplicated = sorted(g for g, n in trained.items() if n > 1)
     v.unexpected = sorted(g for g in status if g not in attempts)
     v.recovered = sorted(g for g in status if (attempts[g] > 1 or g in requeued) and g not in v.lost)
@@ -167,6 +176,16 @@ class FaultRun:
             self.ctx.destroy(linger=0)
         assert rc == 0, (self.run_dir.parent / "up.out").read_text()[-3000:]
         assert self.steps() >= self.max_steps
+        return check_history(self.run_dir)
+
+    def stop_and_check(self, timeout_s: float = 90) -> Verdict:
+        """Ctrl-C the whole run (as a user would), then check the history."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        rc = self.proc.wait(timeout=timeout_s)
+        self.out.close()
+        self.ctx.destroy(linger=0)
+        assert rc == 0, (self.run_dir.parent / "up.out").read_text()[-3000:]
         return check_history(self.run_dir)
 
     def abort(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,12 +122,42 @@ def roundtrip(sock: zmq.Socket, watch: HandshakeWatch, server: Server, body: byt
     pytest.fail(f"no echo of {body!r} within {timeout_s} s")
 
 
-def free_endpoint(ctx: zmq.Context) -> str:
-    probe = ctx.socket(zmq.ROUTER)
-    probe.bind("tcp://127.0.0.1:*")
-    endpoint = probe.getsockopt_string(zmq.LAST_ENDPOINT)
-    probe.close(linger=0)
-    return endpoint
+class PortHolder:
+    """Keeps a 127.0.0.1 port reserved while no server listens on it: bound, never listening.
+
+    Connections to it are refused (as when the broker is down), no other process can bind it, and the kernel never
+    picks it as the source port of an outgoing connection, so a client retrying against it cannot connect to
+    itself (TCP simultaneous open) or to a stranger's socket: both happened with a port merely probed and closed.
+    """
+
+    def __init__(self, port: int = 0) -> None:
+        self.sock: socket.socket | None = None
+        self.port = port
+        self.hold()
+
+    def hold(self) -> None:
+        deadline = time.monotonic() + 5
+        while True:  # after a server closes, its listener goes away asynchronously (zmq's I/O thread)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the closed server's TIME_WAIT sockets
+            try:
+                sock.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        self.sock, self.port = sock, sock.getsockname()[1]
+
+    def release(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
 
 
 # 1 ---------------------------------------------------------------------------------------------------------------
@@ -264,7 +295,8 @@ def test_server_watch_reports_dead_authenticator(ctx: zmq.Context, keys: KeyLayo
 def test_late_server_and_restart_are_not_failures(ctx: zmq.Context, keys: KeyLayout, curve: bool) -> None:
     server_cfg = keys.broker_config() if curve else SecurityConfig()
     client_cfg = keys.client_config("good") if curve else SecurityConfig()
-    endpoint = free_endpoint(ctx)
+    holder = PortHolder()
+    endpoint = holder.endpoint
     sock, watch = make_client(ctx, client_cfg, endpoint)
     server: Server | None = None
     try:
@@ -273,6 +305,7 @@ def test_late_server_and_restart_are_not_failures(ctx: zmq.Context, keys: KeyLay
         while time.monotonic() < end:
             assert watch.check() is False
             time.sleep(0.02)
+        holder.release()
         server = Server(ctx, server_cfg, endpoint)
         deadline = time.monotonic() + 5
         while not sock.poll(20):
@@ -284,10 +317,12 @@ def test_late_server_and_restart_are_not_failures(ctx: zmq.Context, keys: KeyLay
 
         for restart in range(2):
             server.close()
+            holder.hold()
             end = time.monotonic() + 0.5
             while time.monotonic() < end:  # the client sees the disconnect and refused retries meanwhile
                 watch.check()
                 time.sleep(0.02)
+            holder.release()
             server = Server(ctx, server_cfg, endpoint)
             roundtrip(sock, watch, server, f"after-restart-{restart}".encode())
         assert watch.handshakes == 3 and watch.failures == 0 and watch.error is None
@@ -297,12 +332,11 @@ def test_late_server_and_restart_are_not_failures(ctx: zmq.Context, keys: KeyLay
         sock.close(linger=0)
         if server is not None:
             server.close()
+        holder.release()
 
 
 def test_unresponsive_server_is_not_a_key_failure(ctx: zmq.Context) -> None:
     """A listener that accepts TCP but never speaks (a SIGSTOPped broker) only times out: no HandshakeError."""
-    import socket
-
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
