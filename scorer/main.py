@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     import zmq
 
     from editrl.common import wire
-    from editrl.common.net import harden
+    from editrl.common.net import harden, new_id
     from editrl.scorer.backend import make_backend
 
     try:
@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     worker_id = f"scorer-{args.id}"
     ctx = zmq.Context()
     sock = harden(ctx.socket(zmq.DEALER))
-    sock.setsockopt(zmq.ROUTING_ID, worker_id.encode())
+    # A routing id unique to this process: the broker tells a restarted scorer (same worker id, new id) from the
+    # old one and requeues the jobs the dead process held at once.
+    sock.setsockopt(zmq.ROUTING_ID, f"{worker_id}-{new_id()[:12]}".encode())
     sock.connect(cfg.broker.endpoint)
     should_stop = stop_flag()
     done = threading.Event()
