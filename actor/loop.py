@@ -27,7 +27,7 @@ class Actor:
         t0 = time.monotonic()
         self.policy = FluxKontextPolicy.from_pretrained(cfg.policy.model, with_pipeline=True, lora=lora)
         log.info("policy_loaded", model=cfg.policy.model, seconds=round(time.monotonic() - t0, 2))
-        self.client = BrokerClient(self.ctx, cfg.broker.endpoint, self.actor_id)
+        self.client = BrokerClient(self.ctx, cfg.broker.endpoint, self.actor_id, security=cfg.security)
         self.version = 0
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + actor_id)
         self.n_groups = 0

@@ -13,7 +13,7 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    from editrl.common.entry import role_parser, start_role, stop_flag
+    from editrl.common.entry import role_parser, run_guarded, start_role, stop_flag
 
     parser = role_parser("actor", __doc__)
     parser.add_argument("--max-groups", type=int, default=0, help="exit after this many groups (0 = run until stopped)")
@@ -26,14 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     should_stop = stop_flag()
     actor = Actor(cfg, args.id, log)
     t0 = time.monotonic()
-    try:
-        actor.run(should_stop=should_stop, max_groups=args.max_groups)
-    except TimeoutError:
-        pass  # stopped while waiting for the broker
-    finally:
-        log.info("actor_stopped", groups=actor.n_groups, seconds=round(time.monotonic() - t0, 1))
-        actor.close()
-    return 0
+
+    def body() -> int:
+        try:
+            actor.run(should_stop=should_stop, max_groups=args.max_groups)
+        except TimeoutError:
+            pass  # stopped while waiting for the broker
+        finally:
+            log.info("actor_stopped", groups=actor.n_groups, seconds=round(time.monotonic() - t0, 1))
+            actor.close()
+        return 0
+
+    return run_guarded("actor", log, body)
 
 
 if __name__ == "__main__":

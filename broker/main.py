@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         log=log,
         lease_timeout_s=cfg.broker.lease_timeout_s,
         score_deadline_s=cfg.broker.score_deadline_s,
+        security=cfg.security,
     )
     should_stop = stop_flag()
     # Past a file-size limit the kernel sends SIGXFSZ, whose default action kills the process. Ignored, the write

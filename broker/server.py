@@ -35,6 +35,7 @@ import zmq
 from editrl.broker.store import ReplayStore, SampleSpec
 from editrl.common import wire
 from editrl.common.net import harden, new_id
+from editrl.common.security import SecurityConfig, ServerWatch, secure_server
 from editrl.common.tasks import Task
 
 DRAIN_BATCH = 256  # messages handled per loop turn before committing
@@ -122,7 +123,7 @@ class Broker:
         ctx: zmq.Context | None = None,
         lease_timeout_s: float = wire.LEASE_TIMEOUT_S,
         score_deadline_s: float = wire.SCORE_JOB_DEADLINE_S,
-        secure: Any = None,  # callable(sock) applied before bind (CURVE), or None
+        security: SecurityConfig | None = None,
     ) -> None:
         if not tasks:
             raise ValueError("the task list is empty")
@@ -133,8 +134,8 @@ class Broker:
         self.sock = harden(self.ctx.socket(zmq.ROUTER), hwm=10000)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted scorer reusing its id takes over the route
-        if secure is not None:
-            secure(self.sock)
+        self.auth = secure_server(self.sock, self.ctx, security or SecurityConfig())  # CURVE + ZAP allowlist, or None
+        self.server_watch = ServerWatch(self.sock, self.auth)
         self.sock.bind(endpoint)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         store.on_resize = lambda size: self.log.warning("replay_map_resized", map_size_bytes=size)
@@ -202,6 +203,7 @@ class Broker:
                     self._reject(identity, exc)
         if turn.has_writes():
             self._commit(turn)
+        self._check_handshakes()
         self._check_workers()
         self._dispatch()
         self._expire_leases()
@@ -282,6 +284,17 @@ class Broker:
             self._send(identity, wire.Ack(g.request_id, False, "storage_unavailable", self.weights))
         for identity, m in [*turn.samples, *turn.leases]:
             self._send(identity, wire.Wait(m.request_id, wire.STORAGE_RETRY_S, "storage_unavailable", self.weights))
+
+    def _check_handshakes(self) -> None:
+        """Clients whose CURVE handshake failed (unknown key, plaintext, wrong server key): counted, logged once per
+        reason. They never reach the application."""
+        for message in self.server_watch.poll():
+            reason = message.split(":", 1)[0]
+            if f"handshake:{reason}" not in self._logged_reasons:
+                self._logged_reasons.add(f"handshake:{reason}")
+                self.log.warning("handshake_rejected", detail=message[:300])
+        for reason, n in self.server_watch.rejected.items():
+            self.gauges[f"rejected/handshake_{reason}"] = n
 
     def _reject(self, identity: bytes, exc: wire.WireError) -> None:
         self.gauges[f"rejected/{exc.reason}"] += 1
@@ -516,4 +529,7 @@ class Broker:
         return out
 
     def close(self) -> None:
+        self.server_watch.close()
         self.sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()

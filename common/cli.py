@@ -10,6 +10,7 @@ editrl status topo.yaml [--json]                                 the broker's co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -36,11 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("dir")
     data.add_argument("--n-tasks", type=int, default=16)
     data.add_argument("--size", type=int, default=64)
+    keys = sub.add_parser("keys", help="generate CURVE keys: server pair, client pairs and the allowlist")
+    keys.add_argument("dir")
+    keys.add_argument("--clients", default="actors,scorers,learner", help="comma-separated client key names")
     status = sub.add_parser("status", help="ask the broker of a topology for its counters")
     status.add_argument("config")
     status.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    return {"up": _up, "make-tiny": _make_tiny, "make-data": _make_data, "status": _status}[args.command](args)
+    commands = {"up": _up, "make-tiny": _make_tiny, "make-data": _make_data, "status": _status, "keys": _keys}
+    return commands[args.command](args)
 
 
 def _load(path: str):  # noqa: ANN202
@@ -54,8 +59,6 @@ def _load(path: str):  # noqa: ANN202
 
 
 def _up(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from editrl.common.log import setup_logging
     from editrl.common.supervisor import Supervisor, plan, prepare
 
@@ -87,16 +90,33 @@ def _make_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from editrl.common.security import generate_layout
+
+    names = [n.strip() for n in args.clients.split(",") if n.strip()]
+    layout = generate_layout(args.dir, names)
+    print(f"server keys:  {layout.root / 'server.key'} (public), {layout.root / 'server.key_secret'} (secret, 0600)")
+    print(f"client keys:  {layout.root / 'clients'}/<name>.key[_secret]   allowlist: {layout.allowed_dir}")
+    print("topology section for the broker host (clients use client_public_key / client_secret_key instead):")
+    for key, value in dataclasses.asdict(layout.broker_config()).items():
+        print(f"  {key}: {value}")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     import zmq
 
     from editrl.common import wire
     from editrl.common.net import BrokerClient, new_id
+    from editrl.common.security import HandshakeError
 
     cfg = _load(args.config)
-    client = BrokerClient(zmq.Context(), cfg.broker.endpoint, "status", timeout_s=3.0)
+    client = BrokerClient(zmq.Context(), cfg.broker.endpoint, "status", timeout_s=3.0, security=cfg.security)
     try:
         reply = client.request(wire.StatusRequest(new_id()), retries=0)
+    except HandshakeError as exc:
+        print(f"editrl: {exc}", file=sys.stderr)
+        return 3
     except TimeoutError:
         print(f"editrl: no broker answering at {cfg.broker.endpoint}", file=sys.stderr)
         return 1

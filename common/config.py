@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from editrl.common.security import SecurityConfig
+
 
 class ConfigError(ValueError):
     """A topology file that cannot be used. The message starts with the dotted path of the bad field."""
@@ -116,6 +118,7 @@ class TopologyConfig:
     actors: ActorsConfig = field(default_factory=ActorsConfig)
     scorers: ScorersConfig = field(default_factory=ScorersConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     source_path: str = ""  # the YAML file this was loaded from (set by load_config)
 
     @property
@@ -143,7 +146,17 @@ _POSITIVE = {
     "broker.replay_capacity",
     "broker.map_size_bytes",
 }
-_PATHS = {"run.dir", "broker.replay_path", "policy.model", "data.tasks"}
+_PATHS = {
+    "run.dir",
+    "broker.replay_path",
+    "policy.model",
+    "data.tasks",
+    "security.server_public_key",
+    "security.server_secret_key",
+    "security.client_public_key",
+    "security.client_secret_key",
+    "security.allowed_clients_dir",
+}
 _FAMILIES = ("flow",)
 
 

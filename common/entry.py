@@ -35,7 +35,8 @@ def start_role(
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
-    except ConfigError as exc:
+        cfg.security.validate(role)
+    except (ConfigError, ValueError) as exc:
         print(f"editrl {role}: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     index = proc_id(args, cfg) if proc_id is not None else getattr(args, "id", 0)
@@ -44,6 +45,19 @@ def start_role(
     pid_dir.mkdir(parents=True, exist_ok=True)
     (pid_dir / f"{role}-{index}.pid").write_text(f"{os.getpid()}\n")
     return args, cfg, setup_logging(role, index, cfg.run_dir)
+
+
+def run_guarded(role: str, log: Any, body: Callable[[], int]) -> int:
+    """Run a role's body; a failed CURVE handshake ends the process with exit 3 and a clear message instead of
+    reconnecting forever."""
+    from editrl.common.security import HandshakeError
+
+    try:
+        return body()
+    except HandshakeError as exc:
+        log.error("handshake_failed", error=str(exc))
+        print(f"editrl {role}: {exc}", file=sys.stderr)
+        return 3
 
 
 def stop_flag() -> Callable[[], bool]:

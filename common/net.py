@@ -1,6 +1,8 @@
 """ZeroMQ helpers: hardened sockets and a request/reply client that survives a broker restart.
 
-Failure model: every request carries a ``request_id``; the client resends the *same* message (same ids) after
+Failure model: a CURVE handshake that demonstrably failed (key not allowlisted, wrong server key, plaintext vs CURVE)
+raises :class:`~editrl.common.security.HandshakeError` from ``request`` instead of retrying forever. Every request
+carries a ``request_id``; the client resends the *same* message (same ids) after
 ``timeout_s`` without a reply, rebuilding its socket so a restarted broker is reached. The broker's handlers are
 idempotent by id, so a resend after a lost reply is harmless. Replies for older requests are discarded.
 """
@@ -14,6 +16,7 @@ from typing import Any
 import zmq
 
 from editrl.common import wire
+from editrl.common.security import HandshakeWatch, SecurityConfig, secure_client
 
 
 def harden(sock: zmq.Socket, hwm: int = 1000) -> zmq.Socket:
@@ -33,16 +36,26 @@ def new_id() -> str:
 class BrokerClient:
     """A DEALER connected to the broker's ROUTER, one outstanding request at a time."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, identity: str, timeout_s: float = wire.REQUEST_TIMEOUT_S):
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        endpoint: str,
+        identity: str,
+        timeout_s: float = wire.REQUEST_TIMEOUT_S,
+        security: SecurityConfig | None = None,
+    ):
         self.ctx, self.endpoint, self.identity, self.timeout_s = ctx, endpoint, identity, timeout_s
+        self.security = security or SecurityConfig()
         self.sock: zmq.Socket | None = None
+        self.watch: HandshakeWatch | None = None
         self._connect()
 
     def _connect(self) -> None:
-        if self.sock is not None:
-            self.sock.close(linger=0)
+        self.close()
         self.sock = harden(self.ctx.socket(zmq.DEALER))
         self.sock.setsockopt(zmq.ROUTING_ID, f"{self.identity}-{new_id()[:8]}".encode())
+        secure_client(self.sock, self.security)
+        self.watch = HandshakeWatch(self.sock, self.endpoint)  # a rejected key raises HandshakeError in request()
         self.sock.connect(self.endpoint)
 
     def request(self, msg: Any, retries: int = -1, should_stop: Any = None) -> Any:
@@ -57,6 +70,8 @@ class BrokerClient:
             self.sock.send_multipart(frames, copy=False)
             deadline = time.monotonic() + self.timeout_s
             while (remaining := deadline - time.monotonic()) > 0:
+                assert self.watch is not None
+                self.watch.check()
                 if not self.sock.poll(int(min(remaining, 0.5) * 1000)):
                     if should_stop is not None and should_stop():
                         raise TimeoutError("stopped while waiting for the broker")
@@ -70,6 +85,9 @@ class BrokerClient:
             self._connect()  # a restarted broker: fresh socket, same request ids
 
     def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None

@@ -66,7 +66,9 @@ class Learner:
         self.step, self.version = 0, 0
         self.ckpt_dir = cfg.run_dir / "checkpoints"
         self._resume()
-        self.client = BrokerClient(ctx or zmq.Context(), cfg.broker.endpoint, f"learner-{self.rank}")
+        self.client = BrokerClient(
+            ctx or zmq.Context(), cfg.broker.endpoint, f"learner-{self.rank}", security=cfg.security
+        )
         self.writer = None
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter

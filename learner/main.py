@@ -12,7 +12,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from editrl.common.entry import role_parser, start_role, stop_flag
+    from editrl.common.entry import role_parser, run_guarded, start_role, stop_flag
 
     parser = role_parser("learner", __doc__, with_id=False)
     parser.add_argument("--max-steps", type=int, default=None, help="override learner.max_steps")
@@ -36,15 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     should_stop = stop_flag()
     max_steps = cfg.learner.max_steps if args.max_steps is None else args.max_steps
     learner = Learner(cfg, log)
-    try:
-        learner.run(should_stop=should_stop, max_steps=max_steps)
-    except TimeoutError:
-        pass
-    finally:
-        log.info("learner_stopped", step=learner.step, version=learner.version)
-        learner.close()
-        dist.destroy_process_group()
-    return 0
+
+    def body() -> int:
+        try:
+            learner.run(should_stop=should_stop, max_steps=max_steps)
+        except TimeoutError:
+            pass
+        finally:
+            log.info("learner_stopped", step=learner.step, version=learner.version)
+            learner.close()
+            dist.destroy_process_group()
+        return 0
+
+    return run_guarded("learner", log, body)
 
 
 if __name__ == "__main__":
