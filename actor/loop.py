@@ -56,6 +56,7 @@ class Actor:
                 version=group.policy_version,
                 detail=ack.detail,
                 n_groups=self.n_groups,
+                wait_s=round(self.wait_s, 2),  # cumulative time told to wait (back-pressure from admission control)
             )
             self.maybe_load_weights(ack.weights)
 

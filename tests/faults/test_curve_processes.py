@@ -49,6 +49,11 @@ def curve_setup(tmp_path, quickstart_tasks):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     broker = subprocess.Popen([*EDITRL, "broker", "--config", str(broker_topo)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    log = tmp_path / "run" / "logs" / "broker-0.jsonl"
+    deadline = time.monotonic() + 30
+    while not (log.exists() and "broker_started" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert broker.poll() is None, broker.stderr.read().decode()[-2000:]
     yield tmp_path, base, client, keys, env
     broker.terminate()
     assert broker.wait(timeout=30) == 0
