@@ -39,6 +39,7 @@ from editrl.common.security import SecurityConfig, ServerWatch, secure_server
 from editrl.common.tasks import Task
 
 DRAIN_BATCH = 256  # messages handled per loop turn before committing
+MAX_REMEMBERED_REQUESTS = 10_000
 
 
 @dataclass
@@ -52,9 +53,12 @@ class Turn:
     samples: list[tuple[bytes, wire.SampleRequest]] = field(default_factory=list)
     leases: list[tuple[bytes, wire.LeaseRequest]] = field(default_factory=list)
     released: list[str] = field(default_factory=list)  # lease ids to delete (group arrived, task skipped)
+    skips: list[tuple[bytes, wire.SkipTask]] = field(default_factory=list)  # answered after the commit
 
     def has_writes(self) -> bool:
-        return bool(self.groups or self.scored or self.unscorable or self.samples or self.leases or self.released)
+        return bool(
+            self.groups or self.scored or self.unscorable or self.samples or self.leases or self.released or self.skips
+        )
 
 
 @dataclass
@@ -146,6 +150,9 @@ class Broker:
             lid: LeaseEntry(info["task_index"], info["actor_id"], now + lease_timeout_s)
             for lid, info in store.leases().items()
         }
+        self.lease_requests: collections.OrderedDict[str, str] = collections.OrderedDict(
+            (info["request_id"], lid) for lid, info in store.leases().items() if "request_id" in info
+        )  # request_id → lease_id, so a resent LeaseRequest gets its lease again
         self.retry_tasks: collections.deque[tuple[str, int]] = collections.deque()  # (expired lease id, task index)
         self.cursor: int = store.get_meta("task_cursor", 0)  # advanced when leases are planned
         self.committed_cursor: int = self.cursor  # as in LMDB
@@ -184,7 +191,7 @@ class Broker:
         """
         turn = Turn(scored=self.carry.scored, unscorable=self.carry.unscorable, released=self.carry.released)
         self.carry = Turn()
-        if self.sock.poll(timeout_ms if not turn.has_writes() else 0):
+        if self.sock.poll(timeout_ms if not turn.has_writes() or not self.storage_ok else 0):
             while turn.size < DRAIN_BATCH:
                 try:
                     frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -216,7 +223,10 @@ class Broker:
         elif isinstance(msg, wire.SampleRequest):
             turn.samples.append((identity, msg))
         elif isinstance(msg, wire.LeaseRequest):
-            if self.storage_ok and self.admission_open(extra=len(turn.leases)):
+            lease_id = self.lease_requests.get(msg.request_id)
+            if lease_id in self.leases:  # a resend (lost reply, broker restart): the same lease again, not a second
+                self._send_lease(identity, msg, lease_id, self.leases[lease_id].task_index)
+            elif self.storage_ok and self.admission_open(extra=len(turn.leases)):
                 turn.leases.append((identity, msg))
             else:
                 self.gauges["lease_waits"] += 1
@@ -247,7 +257,17 @@ class Broker:
                     for _, m in turn.samples
                 ],
                 task_cursor=self.cursor if self.cursor != self.committed_cursor else None,
-                lease_puts=[(g.lease_id, {"task_index": g.task_index, "actor_id": g.request.actor_id}) for g in grants],
+                lease_puts=[
+                    (
+                        g.lease_id,
+                        {
+                            "task_index": g.task_index,
+                            "actor_id": g.request.actor_id,
+                            "request_id": g.request.request_id,
+                        },
+                    )
+                    for g in grants
+                ],
                 lease_deletes=released,
             )  # committed (fsync) before any reply below
         except lmdb.Error as exc:
@@ -259,6 +279,7 @@ class Broker:
         self.durable = result.counters
         self.committed_cursor = self.cursor
         self._answer_groups(turn, result.inserted)
+        self._answer_skips(turn)
         self._after_scores(turn, result.scored, result.dropped)
         for (identity, req), (taken, stale) in zip(turn.samples, result.samples, strict=True):
             if stale:
@@ -280,7 +301,7 @@ class Broker:
         self.cursor = self.committed_cursor
         self.retry_tasks.extendleft((g.replaces, g.task_index) for g in reversed(grants) if g.replaces)
         self.carry = Turn(scored=turn.scored, unscorable=turn.unscorable, released=turn.released)
-        for identity, g in turn.groups:
+        for identity, g in [*turn.groups, *turn.skips]:
             self._send(identity, wire.Ack(g.request_id, False, "storage_unavailable", self.weights))
         for identity, m in [*turn.samples, *turn.leases]:
             self._send(identity, wire.Wait(m.request_id, wire.STORAGE_RETRY_S, "storage_unavailable", self.weights))
@@ -288,13 +309,12 @@ class Broker:
     def _check_handshakes(self) -> None:
         """Clients whose CURVE handshake failed (unknown key, plaintext, wrong server key): counted, logged once per
         reason. They never reach the application."""
-        for message in self.server_watch.poll():
-            reason = message.split(":", 1)[0]
-            if f"handshake:{reason}" not in self._logged_reasons:
-                self._logged_reasons.add(f"handshake:{reason}")
-                self.log.warning("handshake_rejected", detail=message[:300])
+        messages = self.server_watch.poll()
         for reason, n in self.server_watch.rejected.items():
             self.gauges[f"rejected/handshake_{reason}"] = n
+            if messages and f"handshake:{reason}" not in self._logged_reasons:
+                self._logged_reasons.add(f"handshake:{reason}")
+                self.log.warning("handshake_rejected", reason=reason, detail=messages[0][:300])
 
     def _reject(self, identity: bytes, exc: wire.WireError) -> None:
         self.gauges[f"rejected/{exc.reason}"] += 1
@@ -303,9 +323,9 @@ class Broker:
             self.log.warning("message_rejected", reason=exc.reason, detail=str(exc)[:200], peer=identity[:32].hex())
 
     def _send(self, identity: bytes, msg: Any) -> None:
-        try:
-            self.sock.send_multipart([identity, *wire.encode(msg)], copy=False)
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer left; it will resend with the same ids
+        try:  # never block the loop on one peer: a full pipe (a peer that stopped reading) drops this reply
+            self.sock.send_multipart([identity, *wire.encode(msg)], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH (peer left) or EAGAIN (its pipe is full): it resends, same ids
             self.gauges["send_failed"] += 1
             self.log.debug("reply_undeliverable", error=str(exc))
 
@@ -333,15 +353,24 @@ class Broker:
         return grants
 
     def _grant_lease(self, grant: Grant) -> None:
-        task = self.tasks[grant.task_index]
         self.leases[grant.lease_id] = LeaseEntry(
             grant.task_index, grant.request.actor_id, time.monotonic() + self.lease_timeout_s
         )
+        self._remember_request(grant.request.request_id, grant.lease_id)
+        self._send_lease(grant.identity, grant.request, grant.lease_id, grant.task_index)
+
+    def _remember_request(self, request_id: str, lease_id: str) -> None:
+        self.lease_requests[request_id] = lease_id
+        while len(self.lease_requests) > MAX_REMEMBERED_REQUESTS:  # bounded LRU of answered lease requests
+            self.lease_requests.popitem(last=False)
+
+    def _send_lease(self, identity: bytes, request: wire.LeaseRequest, lease_id: str, index: int) -> None:
+        task = self.tasks[index]
         self._send(
-            grant.identity,
+            identity,
             wire.Lease(
-                request_id=grant.request.request_id,
-                lease_id=grant.lease_id,
+                request_id=request.request_id,
+                lease_id=lease_id,
                 task_id=task.task_id,
                 instruction=task.instruction,
                 task_type=task.task_type,
@@ -362,11 +391,15 @@ class Broker:
             self._send(identity, wire.Ack(g.request_id, True, "stored" if is_new else "duplicate", self.weights))
 
     def _on_skip(self, identity: bytes, msg: wire.SkipTask, turn: Turn) -> None:
-        self.leases.pop(msg.lease_id, None)
         turn.released.append(msg.lease_id)
-        self.gauges["tasks_skipped"] += 1
-        self.log.warning("task_skipped", task_id=msg.task_id, actor_id=msg.actor_id, reason=msg.reason)
-        self._send(identity, wire.Ack(msg.request_id, True, "skipped", self.weights))
+        turn.skips.append((identity, msg))
+
+    def _answer_skips(self, turn: Turn) -> None:
+        for identity, msg in turn.skips:
+            if self.leases.pop(msg.lease_id, None) is not None:
+                self.gauges["tasks_skipped"] += 1
+                self.log.warning("task_skipped", task_id=msg.task_id, actor_id=msg.actor_id, reason=msg.reason)
+            self._send(identity, wire.Ack(msg.request_id, True, "skipped", self.weights))
 
     def _expire_leases(self) -> None:
         now = time.monotonic()
@@ -392,16 +425,29 @@ class Broker:
             self.log.warning("scorer_restarted", worker_id=msg.worker_id, jobs=len(worker.jobs))
             for job_id in list(worker.jobs):
                 self._requeue(job_id, "worker_restarted")
-            worker.identity, worker.jobs = identity, set()
+            worker.identity, worker.jobs, worker.misses, worker.quarantined = identity, set(), 0, False
         worker.last_seen = time.monotonic()
 
     def _on_result(self, msg: wire.ScoreResult, turn: Turn) -> None:
-        job = self.jobs.pop(msg.job_id, None)
+        job = self.jobs.get(msg.job_id)
+        if job is not None and (job.group_id != msg.group_id or job.worker_id != msg.worker_id):
+            raise wire.WireError("result_mismatch", f"job {msg.job_id} is not {msg.group_id} on {msg.worker_id}")
+        status = None if msg.group_id in self.payloads else self.store.get_status(msg.group_id)
+        size = len(self.payloads[msg.group_id][3]) if status is None and msg.group_id in self.payloads else None
+        if status is not None:
+            size = status.get("group_size")
+        if size is None:  # a group we never stored
+            raise wire.WireError("result_unknown_group", msg.group_id)
+        if not len(msg.scored) == len(msg.overall) == len(msg.sub_scores) == len(msg.reasoning) == size:
+            raise wire.WireError("result_size", f"{msg.group_id}: {len(msg.overall)} scores for {size} edits")
+        on_time = self.jobs.pop(msg.job_id, None) is not None
         worker = self.workers.get(msg.worker_id)
         if worker is not None:
             worker.last_seen = time.monotonic()
             worker.jobs.discard(msg.job_id)
-        if job is None and msg.group_id in self.queue:
+            if on_time:
+                worker.misses, worker.quarantined = 0, False
+        if not on_time and msg.group_id in self.queue:
             self.queue.remove(msg.group_id)  # a late result for a requeued, not yet re-dispatched group: use it
         if not all(msg.scored) or any(o is None for o in msg.overall):
             self._unscored(msg.group_id, turn)
@@ -412,6 +458,7 @@ class Broker:
     def _after_scores(self, turn: Turn, scored: list[bool], dropped: list[bool]) -> None:
         for (group_id, _, _), ok in zip(turn.scored, scored, strict=True):
             self.payloads.pop(group_id, None)
+            self.requeues.pop(group_id, None)
             if ok:
                 self.gauges["results"] += 1
                 self.log.debug("group_scored", group_id=group_id)
@@ -420,11 +467,16 @@ class Broker:
                 self.log.info("score_result_duplicate", group_id=group_id)
         for (group_id, _), ok in zip(turn.unscorable, dropped, strict=True):
             self.payloads.pop(group_id, None)
+            self.requeues.pop(group_id, None)
             if ok:
                 self.log.warning("group_dropped_unscorable", group_id=group_id)
 
     def _unscored(self, group_id: str, turn: Turn) -> None:
         """Some edit could not be scored: requeue the group once, then drop it (counted). Never invent a score."""
+        if group_id not in self.payloads:
+            status = self.store.get_status(group_id)
+            if status is None or status["state"] != "pending":
+                return  # a late unscored result for a group already decided
         self.requeues[group_id] += 1
         if self.requeues[group_id] <= 1:
             self.gauges["unscored_requeued"] += 1
@@ -444,11 +496,13 @@ class Broker:
         for job_id, job in list(self.jobs.items()):
             if job.deadline < now:
                 worker = self.workers.get(job.worker_id)
+                # The late job keeps its slot on the worker until it answers or dies: a slow scorer is not handed a
+                # second job to miss as well.
                 if worker is not None:
-                    worker.jobs.discard(job_id)
                     worker.misses += 1
-                    if worker.misses >= wire.QUARANTINE_AFTER_MISSES and not worker.quarantined:
-                        worker.quarantined = True
+                    live = sum(not w.quarantined for w in self.workers.values())
+                    if worker.misses >= wire.QUARANTINE_AFTER_MISSES and not worker.quarantined and live > 1:
+                        worker.quarantined = True  # never the last live scorer: then slow is better than nothing
                         self.gauges["scorers_quarantined"] += 1
                         self.log.error("scorer_quarantined", worker_id=worker.worker_id, misses=worker.misses)
                 self._requeue(job_id, "deadline")
@@ -497,16 +551,17 @@ class Broker:
 
     def _on_publish(self, identity: bytes, msg: wire.PublishWeights) -> None:
         info = wire.weights_from_dict(msg.weights)
-        if info.version > self.weights["version"]:
-            try:
-                self.store.set_meta("weights", wire.weights_dict(info))
-                self.store.set_meta("learner_step", max(self.learner_step, msg.learner_step))
-            except lmdb.Error as exc:
-                self.log.error("storage_write_failed", error=str(exc)[:200], what="weights")
-                self._send(identity, wire.Wait(msg.request_id, wire.STORAGE_RETRY_S, "storage_unavailable", {}))
-                return
-            self.weights = wire.weights_dict(info)
-            self.learner_step = max(self.learner_step, msg.learner_step)
+        newer = info.version > self.weights["version"]
+        weights = wire.weights_dict(info) if newer else self.weights
+        learner_step = max(self.learner_step, msg.learner_step)
+        try:  # weights and the learner step that admission control reads: one transaction, all or nothing
+            self.store.set_metas({"weights": weights, "learner_step": learner_step})
+        except lmdb.Error as exc:
+            self.log.error("storage_write_failed", error=str(exc)[:200], what="weights")
+            self._send(identity, wire.Wait(msg.request_id, wire.STORAGE_RETRY_S, "storage_unavailable", self.weights))
+            return
+        self.weights, self.learner_step = weights, learner_step
+        if newer:
             self.log.info("weights_published", version=info.version, uri=info.uri, learner_step=msg.learner_step)
         self._send(identity, wire.Ack(msg.request_id, True, "published", self.weights))
 

@@ -204,14 +204,16 @@ class ReplayStore:
         ready groups, which are appended to the assignment."""
         assigned = self._assigned(txn, spec)
         if spec.offset < len(assigned):
+            present = [g for g in assigned if txn.get(g.encode(), db=self.db["groups"]) is not None]
+            if len(present) < len(assigned):  # evicted by capacity since: drop them from the batch (counted) and
+                _add(counters, reserve_missing=len(assigned) - len(present))  # let the learner top it up
+                assigned = present
+                txn.put(spec.batch_key, msgpack.packb(assigned, use_bin_type=True), db=self.db["batches"])
+        if spec.offset < len(assigned):
             out = []
             for gid in assigned[spec.offset : spec.offset + spec.max_groups]:
-                record = txn.get(gid.encode(), db=self.db["groups"])
                 status = self._status(txn, gid.encode())
-                if record is None or status is None:  # evicted by capacity since: counted, cannot be re-served
-                    _add(counters, reserve_missing=1)
-                    continue
-                out.append((gid, bytes(record), status["rewards"]))
+                out.append((gid, bytes(txn.get(gid.encode(), db=self.db["groups"])), status["rewards"]))
             _add(counters, reserved=len(out))
             return out, 0
         taken, stale = self._take_ready(txn, counters, spec.max_groups, spec.min_version)
@@ -246,7 +248,10 @@ class ReplayStore:
         out = []
         for group_id, record, info in items:
             gid = group_id.encode()
-            if not txn.put(gid, record, db=self.db["groups"], overwrite=False):
+            # status outlives the record (eviction keeps it): a resend of an evicted group is still a duplicate
+            if txn.get(gid, db=self.db["status"]) is not None or not txn.put(
+                gid, record, db=self.db["groups"], overwrite=False
+            ):
                 _add(counters, duplicate_groups=1)
                 out.append(False)
                 continue
@@ -343,6 +348,15 @@ class ReplayStore:
 
     def set_meta(self, key: str, value: Any) -> None:
         self._write(lambda txn: self._put_meta(txn, key, value))
+
+    def set_metas(self, values: dict[str, Any]) -> None:
+        """Several meta keys in one transaction (all or nothing)."""
+
+        def txn_fn(txn: lmdb.Transaction) -> None:
+            for key, value in values.items():
+                self._put_meta(txn, key, value)
+
+        self._write(txn_fn)
 
     def bump(self, **deltas: int) -> None:
         self._write(lambda txn: self._bump(txn, self._get_meta(txn, "counters", {}), **deltas))

@@ -212,6 +212,12 @@ def _check(cfg: TopologyConfig) -> None:
         raise ConfigError("policy.sampler.num_steps: must be >= 2 (the last step is never trained on)")
     if cfg.data.group_size < 2:
         raise ConfigError("data.group_size: must be >= 2 (group advantages need at least two edits)")
+    if cfg.learner.publish_every > cfg.broker.max_staleness + 1:
+        # admission grants (η + 1 + last published step)·B groups: a longer publish interval starves the learner
+        raise ConfigError(
+            f"learner.publish_every: must be <= broker.max_staleness + 1 = {cfg.broker.max_staleness + 1}, "
+            f"got {cfg.learner.publish_every}"
+        )
     if cfg.learner.groups_per_step % cfg.learner.nproc:
         raise ConfigError("learner.groups_per_step: must be divisible by learner.nproc")
     if not cfg.broker.endpoint.startswith(("tcp://", "ipc://")):

@@ -86,6 +86,9 @@ class Supervisor:
         self.exit_code = 0
 
     def start(self, child: Child) -> None:
+        for f in child.log_files:  # the previous incarnation's output file
+            f.close()
+        child.log_files.clear()
         out = open(self.log_dir / f"{child.name}.out", "ab")  # noqa: SIM115 - owned by the child's lifetime
         is_learner = child.role == "learner"
         threads = {"learner": self.cfg.learner.threads, "actor": self.cfg.actors.threads}.get(child.role, 1)
@@ -109,12 +112,20 @@ class Supervisor:
         for line in proc.stdout:
             sys.stdout.write(line.decode(errors="replace"))
             sys.stdout.flush()
-            out.write(line)
-            out.flush()
+            with contextlib.suppress(ValueError):  # the file was closed: a new incarnation took over
+                out.write(line)
+                out.flush()
 
     def run(self) -> int:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
+        try:
+            self._supervise()
+        finally:  # whatever happens here, no child is left running unsupervised
+            self.stop_all()
+        return self.exit_code
+
+    def _supervise(self) -> None:
         broker, *others = self.children
         self.start(broker)
         time.sleep(0.5)
@@ -143,8 +154,6 @@ class Supervisor:
                     time.sleep(RESTART_BACKOFF_S)
                 child.restarts += 1  # the learner resumes from its last checkpoint; the others are stateless
                 self.start(child)
-        self.stop_all()
-        return self.exit_code
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ANN001
         self.stopping = True

@@ -37,6 +37,8 @@ MAX_FRAME_BYTES = 256 * 1024 * 1024  # one raw frame (ZeroMQ MAXMSGSIZE is set t
 MAX_META_BYTES = 1024 * 1024  # the MessagePack metadata frame
 MAX_FRAMES = 4096  # frames per message
 MAX_NDIM = 6
+MAX_ID_BYTES = 128  # request/group/lease/job/task/actor/worker ids
+ID_FIELDS = frozenset({"request_id", "group_id", "lease_id", "job_id", "task_id", "actor_id", "worker_id"})
 ALLOWED_DTYPES = frozenset({"float32", "float64", "float16", "int64", "int32", "uint8", "bool"})
 
 # Liveness and deadlines (seconds).
@@ -352,6 +354,10 @@ def _decode(frames: list[bytes] | list[Any]) -> Any:
         raise WireError("missing_field", f"{cls.__name__}: {sorted(missing)[:5]}")
     used: set[int] = set()
     kwargs = {name: _unpack_value(fields[name], hints[name], raw, used, f"{cls.__name__}.{name}") for name in hints}
+    for name in ID_FIELDS.intersection(kwargs):
+        value = kwargs[name]
+        if not 0 < len(value.encode()) <= MAX_ID_BYTES:  # LMDB keys: an empty or 512-byte id would fail every commit
+            raise WireError("bad_id", f"{cls.__name__}.{name}: must be 1..{MAX_ID_BYTES} bytes")
     if len(used) != len(raw) - 1:
         raise WireError("frame_count", f"{len(raw) - 1} payload frames, {len(used)} referenced")
     return cls(**kwargs)

@@ -69,6 +69,7 @@ class Learner:
         self.client = BrokerClient(
             ctx or zmq.Context(), cfg.broker.endpoint, f"learner-{self.rank}", security=cfg.security
         )
+        self._skip_reused_versions()
         self.writer = None
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -190,9 +191,9 @@ class Learner:
         if self.rank == 0:
             lora = {lora_key(k): v for k, v in full.items() if is_lora_key(k)}
             info = publish_file(self.cfg.run_dir / "weights", self.version, lora, kind="lora")
-            self.client.request(
-                wire.PublishWeights(new_id(), self.step, wire.weights_dict(info)), should_stop=self.should_stop
-            )
+            message = wire.PublishWeights(new_id(), self.step, wire.weights_dict(info))
+            while not isinstance(self.client.request(message, should_stop=self.should_stop), wire.Ack):
+                time.sleep(wire.STORAGE_RETRY_S)  # the broker could not record it: admission depends on it
             self.log.info("weights_published", version=self.version, seconds=round(time.monotonic() - t0, 3))
         dist.barrier()
 
@@ -245,6 +246,15 @@ class Learner:
         if self.world > 1:
             dist.all_reduce(t)
         return float(t.sqrt())
+
+    def _skip_reused_versions(self) -> None:
+        """After a resume, versions published after the checkpoint by the lost run still exist (actors may run them):
+        continue numbering above the broker's latest version so no version number means two different weights."""
+        reply = self.client.request(wire.StatusRequest(new_id()))
+        published = int(reply.weights.get("version", 0))
+        if published > self.version:
+            self.log.warning("version_fast_forward", checkpoint_version=self.version, broker_version=published)
+            self.version = published
 
     # -- reporting ---------------------------------------------------------------------------------------------
 

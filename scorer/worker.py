@@ -11,6 +11,7 @@ Failure model
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -47,7 +48,8 @@ def run_worker(cfg: TopologyConfig, index: int, backend: ScoreBackend, log: Any,
         while not should_stop():
             watch.check()
             if time.monotonic() - last_ready >= wire.HEARTBEAT_INTERVAL_S:
-                sock.send_multipart(ready)  # idle re-announcement: re-registers us with a restarted broker
+                with contextlib.suppress(zmq.Again):  # never block on a broker that is down: the next one will do
+                    sock.send_multipart(ready, flags=zmq.NOBLOCK)  # idle re-announcement: re-registers us after restart
                 last_ready = time.monotonic()
             if not sock.poll(100):
                 continue
@@ -77,7 +79,8 @@ def _heartbeats(ctx: zmq.Context, cfg: TopologyConfig, worker_id: str, done: thr
     sock.connect(cfg.broker.endpoint)
     beat = wire.encode(wire.Heartbeat(worker_id))
     while not done.wait(wire.HEARTBEAT_INTERVAL_S):
-        sock.send_multipart(beat)
+        with contextlib.suppress(zmq.Again):
+            sock.send_multipart(beat, flags=zmq.NOBLOCK)
     sock.close(linger=0)
 
 
