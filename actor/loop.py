@@ -48,6 +48,9 @@ class Actor:
                 continue
             self.log.info("group_attempt", group_id=group.group_id, task_id=group.task_id)
             ack = self.send_group(group)
+            if not ack.ok:
+                self.log.error("group_rejected", group_id=group.group_id, detail=ack.detail)
+                continue
             self.n_groups += 1
             self.log.info(
                 "group_sent",
@@ -64,7 +67,7 @@ class Actor:
         """Send until the broker acknowledges the commit. Resends carry the same ids, so a group is stored once."""
         while True:
             ack = self.client.request(group, should_stop=self.should_stop)
-            if ack.ok:
+            if ack.ok or ack.detail.startswith("rejected"):  # rejected: permanent (e.g. too large), never resent
                 return ack
             self.log.warning("group_not_acknowledged", group_id=group.group_id, detail=ack.detail)
             time.sleep(wire.STORAGE_RETRY_S)

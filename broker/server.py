@@ -69,6 +69,7 @@ class Worker:
     last_seen: float
     jobs: set[str] = field(default_factory=set)
     misses: int = 0  # deadlines missed
+    expired: dict[str, float] = field(default_factory=dict)  # late job id → when it counts as missed again
     quarantined: bool = False
 
 
@@ -244,7 +245,17 @@ class Broker:
             self._reject(identity, wire.WireError("unexpected_type", type(msg).__name__))
 
     def _commit(self, turn: Turn) -> None:
-        inserts = [(g.group_id, wire.encode_record(wire.encode(g)), _group_info(g)) for _, g in turn.groups]
+        inserts, accepted = [], []
+        for identity, g in turn.groups:
+            record = wire.encode_record(wire.encode(g))
+            if len(record) > wire.MAX_FRAME_BYTES:  # could never be handed to a learner in one frame: refuse, once
+                self.gauges["rejected/group_too_large"] += 1
+                self.log.error("group_rejected_too_large", group_id=g.group_id, bytes=len(record))
+                self._send(identity, wire.Ack(g.request_id, False, "rejected: group too large", self.weights))
+                continue
+            inserts.append((g.group_id, record, _group_info(g)))
+            accepted.append((identity, g))
+        turn.groups = accepted
         grants = self._plan_leases(turn)
         released = [*turn.released, *(g.lease_id for _, g in turn.groups), *(g.replaces for g in grants if g.replaces)]
         try:
@@ -426,6 +437,7 @@ class Broker:
             for job_id in list(worker.jobs):
                 self._requeue(job_id, "worker_restarted")
             worker.identity, worker.jobs, worker.misses, worker.quarantined = identity, set(), 0, False
+            worker.expired.clear()
         worker.last_seen = time.monotonic()
 
     def _on_result(self, msg: wire.ScoreResult, turn: Turn) -> None:
@@ -445,6 +457,7 @@ class Broker:
         if worker is not None:
             worker.last_seen = time.monotonic()
             worker.jobs.discard(msg.job_id)
+            worker.expired.pop(msg.job_id, None)
             if on_time:
                 worker.misses, worker.quarantined = 0, False
         if not on_time and msg.group_id in self.queue:
@@ -496,16 +509,25 @@ class Broker:
         for job_id, job in list(self.jobs.items()):
             if job.deadline < now:
                 worker = self.workers.get(job.worker_id)
-                # The late job keeps its slot on the worker until it answers or dies: a slow scorer is not handed a
-                # second job to miss as well.
+                # The late job keeps its slot on the worker until it answers or dies (a slow scorer is not handed a
+                # second job to miss as well); every further deadline it stays unanswered counts as another miss.
                 if worker is not None:
-                    worker.misses += 1
-                    live = sum(not w.quarantined for w in self.workers.values())
-                    if worker.misses >= wire.QUARANTINE_AFTER_MISSES and not worker.quarantined and live > 1:
-                        worker.quarantined = True  # never the last live scorer: then slow is better than nothing
-                        self.gauges["scorers_quarantined"] += 1
-                        self.log.error("scorer_quarantined", worker_id=worker.worker_id, misses=worker.misses)
+                    worker.expired[job_id] = now + self.score_deadline_s
+                    self._missed(worker)
                 self._requeue(job_id, "deadline")
+        for worker in self.workers.values():
+            for job_id, again in list(worker.expired.items()):
+                if again < now:
+                    worker.expired[job_id] = now + self.score_deadline_s
+                    self._missed(worker)
+
+    def _missed(self, worker: Worker) -> None:
+        worker.misses += 1
+        live = sum(not w.quarantined for w in self.workers.values())
+        if worker.misses >= wire.QUARANTINE_AFTER_MISSES and not worker.quarantined and live > 1:
+            worker.quarantined = True  # never the last live scorer: then slow is better than nothing
+            self.gauges["scorers_quarantined"] += 1
+            self.log.error("scorer_quarantined", worker_id=worker.worker_id, misses=worker.misses)
 
     def _requeue(self, job_id: str, reason: str) -> None:
         job = self.jobs.pop(job_id, None)

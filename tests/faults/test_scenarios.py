@@ -87,8 +87,8 @@ def test_scorer_that_heartbeats_but_never_answers_is_quarantined(fault_run, tmp_
         stuck.kill()
         stuck.wait()
     _assert_clean(verdict, steps=60)
-    misses = [e for e in run.events("broker-*", "score_requeued") if e.get("reason") == "deadline"]
-    assert len(misses) >= wire.QUARANTINE_AFTER_MISSES
+    assert run.events("broker-*", "scorer_quarantined")[0]["misses"] >= wire.QUARANTINE_AFTER_MISSES
+    assert [e for e in run.events("broker-*", "score_requeued") if e.get("reason") == "deadline"]
 
 
 def test_kill_actor_mid_group(fault_run):

@@ -133,3 +133,30 @@ def test_dead_scorer_job_is_requeued_to_another(broker, monkeypatch):
         if alive.poll(200):
             job = wire.decode(alive.recv_multipart())
     assert job is not None and job.group_id == "g1" and job.job_id != first.job_id
+
+
+def test_resent_lease_request_gets_the_same_lease(broker):
+    b, ctx = broker
+    actor = _dealer(ctx, b.endpoint, "actor")
+    first = _ask(actor, wire.LeaseRequest("a0", "same-request"))
+    again = _ask(actor, wire.LeaseRequest("a0", "same-request"))
+    assert isinstance(first, wire.Lease) and again.lease_id == first.lease_id
+    assert _ask(actor, wire.StatusRequest("st")).counters["leases"] == 1
+
+
+def test_bad_ids_and_mismatched_results_are_rejected_not_fatal(broker):
+    b, ctx = broker
+    actor = _dealer(ctx, b.endpoint, "actor")
+    lease = _ask(actor, wire.LeaseRequest("a0", "l1"))
+    _ask(actor, _group(lease, "g1"))
+    bad = _dealer(ctx, b.endpoint, "bad")
+    bad.send_multipart(wire.encode(wire.SkipTask("r", "", "t", "a0", "x")))  # empty id: an LMDB key error
+    bad.send_multipart(wire.encode(wire.ScoreResult("j", "g1", "s", [True], [1.0], [{}], [""])))  # 1 score for 2
+    bad.send_multipart(wire.encode(wire.ScoreResult("j", "nope", "s", [True], [1.0], [{}], [""])))
+    deadline = time.monotonic() + 5  # another socket: no ordering with the status request, so poll
+    while "rejected/result_unknown_group" not in (counters := _ask(actor, wire.StatusRequest("st")).counters):
+        assert time.monotonic() < deadline, counters
+        time.sleep(0.05)
+    assert counters["rejected/bad_id"] == 1 and counters["rejected/result_size"] == 1
+    assert counters["rejected/result_unknown_group"] == 1 and counters["storage_ok"] == 1
+    assert isinstance(_ask(actor, wire.LeaseRequest("a0", "l2")), wire.Lease)

@@ -74,3 +74,33 @@ def test_map_full_grows_and_retries(tmp_path):
 def test_rejects_bad_capacity(tmp_path):
     with pytest.raises(ValueError, match="capacity"):
         ReplayStore(tmp_path / "r", capacity=0)
+
+
+def test_resend_of_an_evicted_group_is_still_a_duplicate(tmp_path):
+    store = ReplayStore(tmp_path / "r", capacity=1)
+    _insert(store, "a")
+    store.mark_scored("a", [1.0], {})
+    store.take_ready(1, 0)
+    _insert(store, "b")  # evicts a's record
+    assert store.get_record("a") is None
+    assert _insert(store, "a") is False  # its status survives: never stored (or trained) twice
+
+
+def test_learner_batches_are_replayed_after_a_resume_and_evicted_members_dropped(tmp_path):
+    from editrl.broker.store import SampleSpec
+
+    store = ReplayStore(tmp_path / "r", capacity=3)
+    for gid in "abc":
+        _insert(store, gid)
+        store.mark_scored(gid, [1.0], {})
+    first = store.commit_turn(samples=[SampleSpec(0, 1, 0, 2, 0)]).samples[0][0]
+    assert [g for g, _, _ in first] == ["a", "b"]
+    again = store.commit_turn(samples=[SampleSpec(0, 1, 0, 2, 0)]).samples[0][0]
+    assert [g for g, _, _ in again] == ["a", "b"]  # the resumed learner gets the same groups for step 1
+    assert store.counters()["consumed"] == 2 and store.counters()["reserved"] == 2
+    _insert(store, "d")  # over capacity: evicts the oldest non-pending record, a
+    replay = store.commit_turn(samples=[SampleSpec(0, 1, 0, 2, 0)]).samples[0][0]
+    assert [g for g, _, _ in replay] == ["b"]
+    top_up = store.commit_turn(samples=[SampleSpec(0, 1, 1, 1, 0)]).samples[0][0]
+    assert [g for g, _, _ in top_up] == ["c"]  # topped up with a fresh group, no duplicate of b
+    assert store.batch_assignment(0, 1) == ["b", "c"]

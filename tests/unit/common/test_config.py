@@ -78,3 +78,8 @@ def test_cli_exits_at_start_up_naming_the_field(tmp_path):
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert proc.returncode == 2 and "learner.lr" in proc.stderr, (role, proc.stderr)
+
+
+def test_publish_interval_longer_than_the_staleness_window_is_rejected():
+    with pytest.raises(ConfigError, match="learner.publish_every"):
+        parse_config({**BASE, "broker": {"max_staleness": 0}, "learner": {"publish_every": 2}})
