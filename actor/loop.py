@@ -74,20 +74,23 @@ class Actor:
             if self.should_stop():
                 raise TimeoutError("stopped before the group was acknowledged")
 
-    def maybe_load_weights(self, weights: dict[str, Any]) -> None:
+    def maybe_load_weights(self, weights: dict[str, Any], attempts: int = 5) -> None:
+        """Load a newer published version before generating anything else. A version that does not verify yet (a
+        shared file system still propagating it) is retried; after that the actor keeps the version it has, and
+        every group records the version that really generated it."""
         info = wire.weights_from_dict(weights)
         if info.version <= self.version:
             return
         t0 = time.monotonic()
-        try:
-            state = load_published(info)
-            load_lora_state_dict(self.policy.transformer, state)
-        except (
-            ValueError,
-            KeyError,
-            OSError,
-        ) as exc:  # keep generating with the current version; retry on the next reply
-            self.log.warning("weights_load_failed", version=info.version, error=str(exc)[:200])
+        for attempt in range(attempts):
+            try:
+                state = load_published(info)
+                load_lora_state_dict(self.policy.transformer, state)
+                break
+            except (ValueError, KeyError, OSError) as exc:
+                self.log.warning("weights_load_failed", version=info.version, attempt=attempt, error=str(exc)[:200])
+                time.sleep(0.2 * (attempt + 1))
+        else:
             return
         self.version = info.version
         self.log.info("weights_loaded", version=info.version, seconds=round(time.monotonic() - t0, 3))

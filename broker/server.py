@@ -9,9 +9,7 @@ Failure model
   the broker stays up and serves the next message.
 - A RolloutGroup is acknowledged only after its LMDB commit; a resent group (same ``group_id``) is acknowledged
   again and stored once.
-- Scorers: a scorer silent for ``SCORER_LIVENESS_S`` is dead; a job past its deadline is late (the scorer heartbeats
-  but is stuck): both are requeued, and a scorer that missed ``QUARANTINE_AFTER_MISSES`` deadlines gets no more jobs.
-  A result for a group that is no longer pending (a late duplicate) is counted and ignored.
+- Scorers (liveness, deadlines, quarantine, fair dispatch, result checks): see :mod:`editrl.broker.scorers`.
 - Admission control (flow control lives in the application): a lease is granted only while
   ``ingested + running < (η + v + 1)·B + dropped`` — AReaL's rule, with v the learner step of the latest published
   weights and every group that left untrained (stale, unscorable, evicted) given back.
@@ -32,6 +30,7 @@ from typing import Any
 import lmdb
 import zmq
 
+from editrl.broker.scorers import ScorerPool, job_payload
 from editrl.broker.store import ReplayStore, SampleSpec
 from editrl.common import wire
 from editrl.common.net import harden, new_id
@@ -59,26 +58,6 @@ class Turn:
         return bool(
             self.groups or self.scored or self.unscorable or self.samples or self.leases or self.released or self.skips
         )
-
-
-@dataclass
-class Worker:
-    worker_id: str
-    identity: bytes  # ROUTER routing id of its job socket
-    capacity: int
-    last_seen: float
-    jobs: set[str] = field(default_factory=set)
-    misses: int = 0  # deadlines missed
-    expired: dict[str, float] = field(default_factory=dict)  # late job id → when it counts as missed again
-    quarantined: bool = False
-
-
-@dataclass
-class Job:
-    job_id: str
-    group_id: str
-    worker_id: str
-    deadline: float
 
 
 @dataclass
@@ -112,10 +91,6 @@ def _group_info(g: wire.RolloutGroup) -> dict[str, Any]:
     }
 
 
-def _job_payload(g: wire.RolloutGroup) -> tuple[str, str, bytes, list[bytes]]:
-    return (g.instruction, g.task_type, g.source_png, g.edit_pngs)
-
-
 class Broker:
     def __init__(
         self,
@@ -144,8 +119,6 @@ class Broker:
         self.sock.bind(endpoint)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         store.on_resize = lambda size: self.log.warning("replay_map_resized", map_size_bytes=size)
-        self.workers: dict[str, Worker] = {}
-        self.jobs: dict[str, Job] = {}
         now = time.monotonic()
         self.leases: dict[str, LeaseEntry] = {
             lid: LeaseEntry(info["task_index"], info["actor_id"], now + lease_timeout_s)
@@ -157,23 +130,20 @@ class Broker:
         self.retry_tasks: collections.deque[tuple[str, int]] = collections.deque()  # (expired lease id, task index)
         self.cursor: int = store.get_meta("task_cursor", 0)  # advanced when leases are planned
         self.committed_cursor: int = self.cursor  # as in LMDB
-        self.requeues: dict[str, int] = collections.Counter()
-        self.queue: collections.deque[str] = collections.deque(store.pending_ids())  # groups awaiting a scorer
         self.weights: dict[str, Any] = store.get_meta("weights") or wire.weights_dict(
             wire.WeightsInfo(version=0, uri="", sha256="", kind="lora")
         )
         self.gauges: collections.Counter[str] = collections.Counter()  # process-lifetime counters (not durable)
+        self.scorers = ScorerPool(store, log, self.gauges, self._send, score_deadline_s)
         self.durable: dict[str, int] = store.counters()  # the LMDB counters as of the last commit
         self.learner_step: int = store.get_meta("learner_step") or 0  # learner step of the latest published weights
-        self.payloads: dict[str, tuple[str, str, bytes, list[bytes]]] = {}  # ScoreJob fields of pending groups
         self.carry = Turn()  # score results and drops whose commit failed: retried next turn
-        self._rr = 0  # round-robin start among scorers
         self.storage_ok = True
         self._logged_reasons: set[str] = set()
         self.log.info(
             "broker_started",
             endpoint=self.endpoint,
-            pending=len(self.queue),
+            pending=len(self.scorers.queue),
             leases=len(self.leases),
             task_cursor=self.cursor,
             weights=self.weights["version"],
@@ -212,15 +182,15 @@ class Broker:
         if turn.has_writes():
             self._commit(turn)
         self._check_handshakes()
-        self._check_workers()
-        self._dispatch()
+        self.scorers.check()
+        self.scorers.dispatch()
         self._expire_leases()
 
     def _classify(self, identity: bytes, msg: Any, turn: Turn) -> None:
         if isinstance(msg, wire.RolloutGroup):
             turn.groups.append((identity, msg))
         elif isinstance(msg, wire.ScoreResult):
-            self._on_result(msg, turn)
+            self.scorers.on_result(msg, turn)
         elif isinstance(msg, wire.SampleRequest):
             turn.samples.append((identity, msg))
         elif isinstance(msg, wire.LeaseRequest):
@@ -234,7 +204,7 @@ class Broker:
                 reason = "admission" if self.storage_ok else "storage_unavailable"
                 self._send(identity, wire.Wait(msg.request_id, 0.2, reason, self.weights))
         elif isinstance(msg, wire.ScorerReady | wire.Heartbeat):
-            self._on_worker(identity, msg)
+            self.scorers.on_worker(identity, msg)
         elif isinstance(msg, wire.PublishWeights):
             self._on_publish(identity, msg)
         elif isinstance(msg, wire.SkipTask):
@@ -291,7 +261,7 @@ class Broker:
         self.committed_cursor = self.cursor
         self._answer_groups(turn, result.inserted)
         self._answer_skips(turn)
-        self._after_scores(turn, result.scored, result.dropped)
+        self.scorers.after_scores(turn, result.scored, result.dropped)
         for (identity, req), (taken, stale) in zip(turn.samples, result.samples, strict=True):
             if stale:
                 self.log.info("groups_dropped_stale", count=stale, min_version=req.min_version)
@@ -394,8 +364,7 @@ class Broker:
         for (identity, g), is_new in zip(turn.groups, inserted, strict=True):
             self.leases.pop(g.lease_id, None)
             if is_new:
-                self.queue.append(g.group_id)
-                self.payloads[g.group_id] = _job_payload(g)
+                self.scorers.add(g.group_id, job_payload(g))
                 self.log.debug("group_stored", group_id=g.group_id, actor_id=g.actor_id, version=g.policy_version)
             else:
                 self.log.info("replay_insert_duplicate", group_id=g.group_id)
@@ -421,154 +390,6 @@ class Broker:
                 self.gauges["leases_expired"] += 1
                 self.log.warning("lease_expired", lease_id=lease_id, actor_id=lease.actor_id)
 
-    # -- scorers -----------------------------------------------------------------------------------------------
-
-    def _on_worker(self, identity: bytes, msg: wire.ScorerReady | wire.Heartbeat) -> None:
-        worker = self.workers.get(msg.worker_id)
-        if worker is None:
-            if not isinstance(msg, wire.ScorerReady):
-                return  # a heartbeat from a worker we do not know (e.g. after our restart): it re-announces itself
-            worker = Worker(msg.worker_id, identity, max(1, msg.capacity), time.monotonic())
-            self.workers[msg.worker_id] = worker
-            self.log.info("scorer_joined", worker_id=msg.worker_id, capacity=worker.capacity)
-        elif isinstance(msg, wire.ScorerReady) and identity != worker.identity:
-            # Same worker id from a new socket: the old process is gone; its jobs will never be answered.
-            self.log.warning("scorer_restarted", worker_id=msg.worker_id, jobs=len(worker.jobs))
-            for job_id in list(worker.jobs):
-                self._requeue(job_id, "worker_restarted")
-            worker.identity, worker.jobs, worker.misses, worker.quarantined = identity, set(), 0, False
-            worker.expired.clear()
-        worker.last_seen = time.monotonic()
-
-    def _on_result(self, msg: wire.ScoreResult, turn: Turn) -> None:
-        job = self.jobs.get(msg.job_id)
-        if job is not None and (job.group_id != msg.group_id or job.worker_id != msg.worker_id):
-            raise wire.WireError("result_mismatch", f"job {msg.job_id} is not {msg.group_id} on {msg.worker_id}")
-        status = None if msg.group_id in self.payloads else self.store.get_status(msg.group_id)
-        size = len(self.payloads[msg.group_id][3]) if status is None and msg.group_id in self.payloads else None
-        if status is not None:
-            size = status.get("group_size")
-        if size is None:  # a group we never stored
-            raise wire.WireError("result_unknown_group", msg.group_id)
-        if not len(msg.scored) == len(msg.overall) == len(msg.sub_scores) == len(msg.reasoning) == size:
-            raise wire.WireError("result_size", f"{msg.group_id}: {len(msg.overall)} scores for {size} edits")
-        on_time = self.jobs.pop(msg.job_id, None) is not None
-        worker = self.workers.get(msg.worker_id)
-        if worker is not None:
-            worker.last_seen = time.monotonic()
-            worker.jobs.discard(msg.job_id)
-            worker.expired.pop(msg.job_id, None)
-            if on_time:
-                worker.misses, worker.quarantined = 0, False
-        if not on_time and msg.group_id in self.queue:
-            self.queue.remove(msg.group_id)  # a late result for a requeued, not yet re-dispatched group: use it
-        if not all(msg.scored) or any(o is None for o in msg.overall):
-            self._unscored(msg.group_id, turn)
-            return
-        scores = {"sub_scores": msg.sub_scores, "reasoning": msg.reasoning, "worker_id": msg.worker_id}
-        turn.scored.append((msg.group_id, [float(o) for o in msg.overall], scores))
-
-    def _after_scores(self, turn: Turn, scored: list[bool], dropped: list[bool]) -> None:
-        for (group_id, _, _), ok in zip(turn.scored, scored, strict=True):
-            self.payloads.pop(group_id, None)
-            self.requeues.pop(group_id, None)
-            if ok:
-                self.gauges["results"] += 1
-                self.log.debug("group_scored", group_id=group_id)
-            else:
-                self.gauges["duplicate_results"] += 1
-                self.log.info("score_result_duplicate", group_id=group_id)
-        for (group_id, _), ok in zip(turn.unscorable, dropped, strict=True):
-            self.payloads.pop(group_id, None)
-            self.requeues.pop(group_id, None)
-            if ok:
-                self.log.warning("group_dropped_unscorable", group_id=group_id)
-
-    def _unscored(self, group_id: str, turn: Turn) -> None:
-        """Some edit could not be scored: requeue the group once, then drop it (counted). Never invent a score."""
-        if group_id not in self.payloads:
-            status = self.store.get_status(group_id)
-            if status is None or status["state"] != "pending":
-                return  # a late unscored result for a group already decided
-        self.requeues[group_id] += 1
-        if self.requeues[group_id] <= 1:
-            self.gauges["unscored_requeued"] += 1
-            self.log.warning("score_requeued", group_id=group_id, reason="unscored")
-            self.queue.append(group_id)
-        else:
-            turn.unscorable.append((group_id, "unscored after retry"))
-
-    def _check_workers(self) -> None:
-        now = time.monotonic()
-        for worker_id, worker in list(self.workers.items()):
-            if now - worker.last_seen > wire.SCORER_LIVENESS_S:
-                del self.workers[worker_id]
-                self.log.warning("scorer_dead", worker_id=worker_id, jobs=len(worker.jobs))
-                for job_id in list(worker.jobs):
-                    self._requeue(job_id, "worker_dead")
-        for job_id, job in list(self.jobs.items()):
-            if job.deadline < now:
-                worker = self.workers.get(job.worker_id)
-                # The late job keeps its slot on the worker until it answers or dies (a slow scorer is not handed a
-                # second job to miss as well); every further deadline it stays unanswered counts as another miss.
-                if worker is not None:
-                    worker.expired[job_id] = now + self.score_deadline_s
-                    self._missed(worker)
-                self._requeue(job_id, "deadline")
-        for worker in self.workers.values():
-            for job_id, again in list(worker.expired.items()):
-                if again < now:
-                    worker.expired[job_id] = now + self.score_deadline_s
-                    self._missed(worker)
-
-    def _missed(self, worker: Worker) -> None:
-        worker.misses += 1
-        live = sum(not w.quarantined for w in self.workers.values())
-        if worker.misses >= wire.QUARANTINE_AFTER_MISSES and not worker.quarantined and live > 1:
-            worker.quarantined = True  # never the last live scorer: then slow is better than nothing
-            self.gauges["scorers_quarantined"] += 1
-            self.log.error("scorer_quarantined", worker_id=worker.worker_id, misses=worker.misses)
-
-    def _requeue(self, job_id: str, reason: str) -> None:
-        job = self.jobs.pop(job_id, None)
-        if job is not None:
-            self.gauges[f"requeued/{reason}"] += 1
-            self.log.warning("score_requeued", group_id=job.group_id, reason=reason, worker_id=job.worker_id)
-            self.queue.appendleft(job.group_id)
-
-    def _dispatch(self) -> None:
-        """Round-robin, one job per worker per pass, so every live scorer gets work (and a stuck one is found)."""
-        workers = [w for w in self.workers.values() if not w.quarantined]
-        if not workers:
-            return
-        self._rr = (self._rr + 1) % len(workers)
-        workers = workers[self._rr :] + workers[: self._rr]
-        progress = True
-        while self.queue and progress:
-            progress = False
-            for worker in workers:
-                if not self.queue or len(worker.jobs) >= worker.capacity:
-                    continue
-                group_id = self.queue.popleft()
-                payload = self.payloads.get(group_id) or self._load_payload(group_id)
-                progress = True
-                if payload is None:
-                    continue  # no longer pending (scored by a late result, or dropped)
-                job = Job(new_id(), group_id, worker.worker_id, time.monotonic() + self.score_deadline_s)
-                self.jobs[job.job_id] = job
-                worker.jobs.add(job.job_id)
-                self._send(worker.identity, wire.ScoreJob(job.job_id, group_id, *payload))
-
-    def _load_payload(self, group_id: str) -> tuple[str, str, bytes, list[bytes]] | None:
-        """The ScoreJob fields of a pending group, from LMDB (after a restart; normally kept in memory)."""
-        status = self.store.get_status(group_id)
-        record = self.store.get_record(group_id)
-        if status is None or record is None or status["state"] != "pending":
-            return None
-        payload = _job_payload(wire.decode(wire.decode_record(record)))
-        self.payloads[group_id] = payload
-        return payload
-
     # -- learners ----------------------------------------------------------------------------------------------
 
     def _on_publish(self, identity: bytes, msg: wire.PublishWeights) -> None:
@@ -592,11 +413,8 @@ class Broker:
         out.update(self.gauges)
         out.update(
             {
-                "queue/pending_scoring": len(self.queue),
-                "queue/jobs_inflight": len(self.jobs),
+                **self.scorers.counters(),
                 "queue/ready": self.store.ready_count(),
-                "scorers": len(self.workers),
-                "scorers_live": sum(not w.quarantined for w in self.workers.values()),
                 "leases": len(self.leases),
                 "weights_version": int(self.weights["version"]),
                 "learner_step": self.learner_step,

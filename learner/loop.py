@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from editrl.common import wire
 from editrl.common.config import TopologyConfig
 from editrl.common.flow import FluxKontextPolicy, GroupCondition, LoraSpec, flow_sde_step, flux_velocity, lora_key
 from editrl.common.net import BrokerClient, new_id
-from editrl.common.weights import publish_file
+from editrl.common.weights import publish_file, sha256_file
 from editrl.learner.loss import clipped_policy_loss, group_advantages
 
 
@@ -205,7 +206,14 @@ class Learner:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
         norm = self.trainable_norm()
         if self.rank == 0:
-            meta = {"step": self.step, "version": self.version, "path": str(path), "param_norm": norm}
+            meta = {
+                "step": self.step,
+                "version": self.version,
+                "path": str(path),
+                "param_norm": norm,
+                # DCP's .metadata is a pickle: its checksum lets the resume refuse a file this learner did not write
+                "metadata_sha256": sha256_file(path / ".metadata"),
+            }
             tmp = self.ckpt_dir / "latest.json.tmp"
             tmp.write_text(json.dumps(meta))
             tmp.replace(self.ckpt_dir / "latest.json")
@@ -217,6 +225,9 @@ class Learner:
         if not latest.exists():
             return
         meta = json.loads(latest.read_text())
+        digest = sha256_file(Path(meta["path"]) / ".metadata")
+        if digest != meta.get("metadata_sha256"):
+            raise RuntimeError(f"checkpoint {meta['path']}: .metadata checksum mismatch; refusing to unpickle it")
         opts = StateDictOptions(ignore_frozen_params=True)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
         state = {"model": model_sd, "optim": optim_sd}
