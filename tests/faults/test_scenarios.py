@@ -58,14 +58,14 @@ def test_kill_scorer_mid_job(fault_run):
 
 
 def test_stopped_scorer_past_liveness_then_resumed_sends_a_late_duplicate(fault_run):
-    run = fault_run(scorers={"count": 2})
+    run = fault_run(max_steps=60, scorers={"count": 2})  # long enough to outlive the 5 s liveness window
     run.wait_steps(3)
     _hold_a_job(run, "scorer-0")
     run.wait_for(lambda: run.events("broker-*", "scorer_dead"), 30, "the broker to declare scorer-0 dead")
     run.kill("scorer-0", signal.SIGCONT)  # wakes up and answers its stale job
     run.wait_steps(8)
     verdict = run.finish()
-    _assert_clean(verdict)
+    _assert_clean(verdict, steps=60)
     # its late result either completed the requeued group first or was recognised as a duplicate
     assert run.events("broker-*", "score_result_duplicate") or verdict.recovered
 
