@@ -80,6 +80,7 @@ def _lazy_factory(module: str, attribute: str) -> BackendFactory:
 # Backend name -> factory taking the options (the config minus "backend"). `vlm` and `editscore` go here later.
 _BACKENDS: dict[str, BackendFactory] = {
     "metric": _lazy_factory("editrl.scorer.metric", "MetricBackend"),
+    "vlm": _lazy_factory("editrl.scorer.vlm", "VLMBackend"),
 }
 
 

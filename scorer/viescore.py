@@ -1,0 +1,255 @@
+"""VIEScore judge prompts, a strict-but-tolerant reply parser and the VIEScore / EditScore arithmetic (pure functions).
+
+Two questions per edited image, both answered as JSON ``{"reasoning": "...", "score": [a, b]}`` (reasoning first, as
+EditScore asks, so the numbers follow the argument):
+
+- SC (semantic consistency) shows the source AND the edited image plus the instruction and asks for
+  ``[editing success, over-editing]``, each on ``0..score_range`` (over-editing: high = minimal yet effective change).
+- PQ (perceptual quality) shows ONLY the edited image and asks for ``[naturalness, artifacts]`` on
+  ``0..score_range`` (artifacts: high = no visible artifacts). This is the documented VIEScore behaviour; EditScore's
+  batch path also shows the source image to PQ -- we deliberately do not, so PQ judges the picture alone.
+
+Arithmetic (every result on 0..10 whatever ``score_range`` the judge used):
+``SC = min(sc) * 10 / score_range``, ``PQ = min(pq) * 10 / score_range``, ``O = sqrt(SC * PQ)``.
+``avg_at_k`` is EditScore's Avg@K with reduction ``average_last``: the mean over passes of ``sqrt(SC_i * PQ_i)``.
+
+Failure model: :func:`parse_scores` either returns exactly ``n_expected`` finite numbers inside
+``[0, score_range]`` or raises :class:`JudgeParseError` with the reason. It repairs *syntax* (code fences, prose
+around the JSON, single quotes, trailing commas, unescaped quotes in the reasoning) but never *content*: a wrong
+count, a non-numeric value, NaN/inf or an out-of-range number is rejected, not clamped, padded or guessed (unlike
+the reference implementations, which fall back to 5, ``score_range / 2`` or a random integer).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from editrl.scorer.engines import JudgePrompt
+
+
+class JudgeParseError(ValueError):
+    """A judge reply that does not carry a usable score list; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ParsedReply:
+    """The validated numbers of one judge reply (on the judge's 0..score_range scale) and its reasoning text."""
+
+    scores: list[float]
+    reasoning: str
+
+
+# --------------------------------------------------------------------------------------------------- prompts
+
+_SYSTEM = (
+    "You are a meticulous professional digital artist who reviews AI-edited images. "
+    "You will be shown one or more images and a set of rules. Judge strictly and only from what is visible; "
+    "do not reward an image for what the instruction asked if the image does not actually show it. "
+    "Answer with a single JSON object and nothing else, with the reasoning first and the scores last:\n"
+    '{{"reasoning": "<one or two short sentences>", "score": [<score1>, <score2>]}}\n'
+    "Every score is a whole number from 0 to {score_range}."
+)
+
+_SC_RULES = (
+    "Two images follow: the first is the ORIGINAL image, the second is the EDITED image produced by an AI editor "
+    "from the original and this editing instruction:\n"
+    "<instruction>{instruction}</instruction>\n\n"
+    "Give two scores from 0 to {score_range}.\n"
+    "score1 - editing success: how completely and correctly the edited image carries out the instruction. "
+    "0 means the requested change is absent or wrong; {score_range} means it is fully and precisely done.\n"
+    "score2 - over-editing: how well everything the instruction did not ask to change is left untouched. "
+    "0 means the edited image is a different picture or heavily altered beyond the request; {score_range} means "
+    "the change is minimal yet effective and the rest of the original is preserved.\n"
+    "Put score1 first and score2 second in the score list."
+)
+
+_PQ_RULES = (
+    "One image follows: an image produced by an AI image editor. You are NOT told what it was meant to show; "
+    "judge only how it looks.\n\n"
+    "Give two scores from 0 to {score_range}.\n"
+    "score1 - naturalness: does the image look like a plausible, coherent photograph or artwork (consistent "
+    "lighting, shadows, perspective, proportions, sense of distance)? 0 means thoroughly unnatural; "
+    "{score_range} means completely natural.\n"
+    "score2 - artifacts: is it free of visible generation artifacts (noise, blur, distortions, smudges, "
+    "disharmonious patches, broken textures, deformed faces or hands, garbled text)? 0 means dominated by "
+    "artifacts; {score_range} means no artifacts at all.\n"
+    "Put score1 first and score2 second in the score list."
+)
+
+
+def _check_range(score_range: int) -> None:
+    if isinstance(score_range, bool) or not isinstance(score_range, int) or score_range < 1:
+        raise ValueError(f"score_range must be a positive integer, got {score_range!r}")
+
+
+def build_prompts(
+    instruction: str, source: Image.Image, edit: Image.Image, score_range: int = 10
+) -> tuple[JudgePrompt, JudgePrompt]:
+    """The (SC, PQ) judge prompts for one edit: SC sees [source, edit] and the instruction, PQ sees only the edit."""
+    _check_range(score_range)
+    system = _SYSTEM.format(score_range=score_range)
+    sc = JudgePrompt(
+        text=_SC_RULES.format(instruction=instruction.strip(), score_range=score_range),
+        images=[source, edit],
+        system=system,
+    )
+    pq = JudgePrompt(text=_PQ_RULES.format(score_range=score_range), images=[edit], system=system)
+    return sc, pq
+
+
+# --------------------------------------------------------------------------------------------------- parsing
+
+_FENCE_RE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
+_TRAILING_COMMA_RE = re.compile(r",\s*([}\]])")
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
+_BARE_LIST_RE = re.compile(rf"\[\s*{_NUMBER}(?:\s*,\s*{_NUMBER})*\s*,?\s*\]")
+_SCORE_FIELD_RE = re.compile(r"""["']scores?["']\s*:\s*(\[[^\[\]]*\]|[^,}\s]+)""")
+_REASONING_FIELD_RE = re.compile(r"""["']reasoning["']\s*:\s*["'](.*?)["']\s*,\s*["']scores?["']""", re.DOTALL)
+
+
+def _decode_object(candidate: str) -> dict[str, Any] | None:
+    """``candidate`` as a dict: strict JSON, then with trailing commas removed, then as a Python literal."""
+    attempts = (candidate, _TRAILING_COMMA_RE.sub(r"\1", candidate))
+    for attempt in attempts:
+        try:
+            value = json.loads(attempt)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(value, dict):
+            return value
+    try:  # single quotes / trailing commas, the way Python writes dicts
+        value = ast.literal_eval(candidate)
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _object_slices(text: str) -> list[str]:
+    """Candidate JSON objects, most specific first: fenced blocks, then the outermost ``{...}`` slice."""
+    candidates = [match.strip() for match in _FENCE_RE.findall(text)]
+    candidates.append(text.strip())
+    slices = []
+    for candidate in candidates:
+        start, end = candidate.find("{"), candidate.rfind("}")
+        if start != -1 and end > start:
+            slices.append(candidate[start : end + 1])
+    return slices
+
+
+def _to_number(value: Any) -> float:
+    """One score value as a float; JudgeParseError for booleans, non-numbers and NaN/inf."""
+    if isinstance(value, bool):
+        raise JudgeParseError(f"score value {value!r} is a boolean, not a number")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str) and re.fullmatch(rf"\s*{_NUMBER}\s*", value):
+        number = float(value)
+    else:
+        raise JudgeParseError(f"score value {value!r} is not a number")
+    if not math.isfinite(number):
+        raise JudgeParseError(f"score value {value!r} is not finite")
+    return number
+
+
+def _validate(raw: Any, n_expected: int, score_range: int) -> list[float]:
+    """The raw ``score`` field as exactly ``n_expected`` numbers in [0, score_range], or JudgeParseError."""
+    values = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    if len(values) != n_expected:
+        raise JudgeParseError(f"expected {n_expected} scores, got {len(values)}: {raw!r}")
+    numbers = [_to_number(value) for value in values]
+    for number in numbers:
+        if not 0.0 <= number <= score_range:
+            raise JudgeParseError(f"score {number:g} is outside [0, {score_range}]")
+    return numbers
+
+
+def _field_fallback(text: str) -> tuple[Any, str] | None:
+    """The ``score`` field and reasoning pulled out by pattern when the object itself does not decode."""
+    match = _SCORE_FIELD_RE.search(text)
+    if match is None:
+        return None
+    raw_text = match.group(1).strip()
+    try:
+        raw = json.loads(_TRAILING_COMMA_RE.sub(r"\1", raw_text.replace("'", '"')))
+    except json.JSONDecodeError:
+        raw = raw_text.strip("\"'")  # let _validate report it as non-numeric
+    reasoning = _REASONING_FIELD_RE.search(text)
+    return raw, reasoning.group(1).strip() if reasoning else ""
+
+
+def parse_scores(text: str | None, n_expected: int = 2, score_range: int = 10) -> ParsedReply:
+    """Exactly ``n_expected`` scores in [0, score_range] from a judge reply, or JudgeParseError(reason).
+
+    Accepted shapes (first match wins): a JSON object with ``score`` (or ``scores``), possibly inside a ```json fence
+    or surrounded by prose, with single quotes or trailing commas; the object's ``score``/``reasoning`` fields found
+    by pattern when the object is otherwise broken (e.g. unescaped quotes in the reasoning); a bare numeric list
+    ``[7, 8]`` when it is the only one in the text. A scalar ``"score": 7`` counts as one score, so it is accepted
+    only when ``n_expected == 1``.
+    """
+    _check_range(score_range)
+    if text is None or not text.strip():
+        raise JudgeParseError("empty judge reply")
+    for candidate in _object_slices(text):
+        obj = _decode_object(candidate)
+        if obj is None:
+            continue
+        key = "score" if "score" in obj else "scores" if "scores" in obj else None
+        if key is None:
+            raise JudgeParseError(f"judge reply object has no 'score' field (keys: {sorted(obj)})")
+        reasoning = obj.get("reasoning", "")
+        return ParsedReply(_validate(obj[key], n_expected, score_range), str(reasoning).strip())
+    fields = _field_fallback(text)
+    if fields is not None:
+        raw, reasoning = fields
+        return ParsedReply(_validate(raw, n_expected, score_range), reasoning)
+    lists = {re.sub(r"\s+", "", match) for match in _BARE_LIST_RE.findall(text)}
+    if len(lists) == 1:
+        raw = json.loads(_TRAILING_COMMA_RE.sub(r"\1", lists.pop()))
+        return ParsedReply(_validate(raw, n_expected, score_range), "")
+    if len(lists) > 1:
+        raise JudgeParseError(f"judge reply has {len(lists)} different score lists and no JSON object")
+    snippet = " ".join(text.split())[:80]
+    raise JudgeParseError(f"no score found in judge reply: {snippet!r}")
+
+
+# --------------------------------------------------------------------------------------------------- arithmetic
+
+
+def overall(sc_scores: list[float], pq_scores: list[float], score_range: int = 10) -> tuple[float, float, float]:
+    """VIEScore ``(SC, PQ, O)`` on 0..10: the minima rescaled by ``10 / score_range``, ``O = sqrt(SC * PQ)``."""
+    _check_range(score_range)
+    if not sc_scores or not pq_scores:
+        raise ValueError("overall needs at least one SC and one PQ score")
+    scale = 10.0 / score_range
+    sc = min(sc_scores) * scale
+    pq = min(pq_scores) * scale
+    return sc, pq, math.sqrt(max(sc, 0.0) * max(pq, 0.0))
+
+
+def avg_at_k(passes: list[tuple[list[float], list[float]]], score_range: int = 10) -> dict[str, float]:
+    """EditScore Avg@K, reduction ``average_last``: ``{"SC", "PQ", "overall", "passes"}`` on 0..10.
+
+    ``overall`` is the mean over passes of ``sqrt(SC_i * PQ_i)`` (not ``sqrt(mean SC * mean PQ)``); ``SC``/``PQ``
+    are the means of the per-pass values. Raises ValueError for no passes.
+    """
+    if not passes:
+        raise ValueError("avg_at_k needs at least one pass")
+    per_pass = [overall(sc, pq, score_range) for sc, pq in passes]
+    k = len(per_pass)
+    return {
+        "SC": sum(p[0] for p in per_pass) / k,
+        "PQ": sum(p[1] for p in per_pass) / k,
+        "overall": sum(p[2] for p in per_pass) / k,
+        "passes": float(k),
+    }

@@ -1,0 +1,164 @@
+"""TransformersEngine on a tiny random-weight Qwen2.5-VL built locally (no download, CPU, one thread).
+
+The model directory is built once per session (~2 s after imports) and loaded once per module. Replies of a random
+judge are garbage by construction, so the tests check plumbing (order, batching, determinism, failure isolation)
+and that the VLM backend never turns garbage into a number.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from editrl.scorer.engines import JudgeEngine, JudgePrompt
+
+MAX_NEW_TOKENS = 12
+
+
+def noise_image(seed: int, size: int = 64) -> Image.Image:
+    """A real RGB PIL image with random pixels."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def truncated_image() -> Image.Image:
+    """A PNG cut in half: ``Image.open`` succeeds (header only), loading the pixels raises OSError."""
+    buffer = io.BytesIO()
+    noise_image(99).save(buffer, format="PNG")
+    return Image.open(io.BytesIO(buffer.getvalue()[: len(buffer.getvalue()) // 2]))
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2.5-VL (model, tokenizer, image processor) saved once per session."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    from editrl.common.tiny_vlm import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_vlm_dir: Path):
+    """A loaded greedy engine, batch size 2 (so 3 prompts take two batches)."""
+    from editrl.scorer.engines.hf import TransformersEngine
+
+    eng = TransformersEngine(str(tiny_vlm_dir), max_new_tokens=MAX_NEW_TOKENS, batch_size=2)
+    eng.load()
+    return eng
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[JudgePrompt]:
+    """Three prompts with 2, 1 and 0 real 64x64 images; the first has a system message."""
+    return [
+        JudgePrompt("Compare the source and the edited image.", [noise_image(0), noise_image(1)], system="Be strict."),
+        JudgePrompt("Rate this picture.", [noise_image(2)]),
+        JudgePrompt('Reply with {"score": [7, 8]}.'),
+    ]
+
+
+def test_build_is_idempotent_and_loads_like_a_model_id(tiny_vlm_dir: Path) -> None:
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from editrl.common.tiny_vlm import QWEN_SPECIAL_TOKENS, build_tiny_qwen2_5_vl
+
+    weights = tiny_vlm_dir / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    assert build_tiny_qwen2_5_vl(tiny_vlm_dir) == tiny_vlm_dir
+    assert weights.stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_vlm_dir)
+    assert not model.training
+    assert sum(p.numel() for p in model.parameters()) < 500_000
+    tok = AutoTokenizer.from_pretrained(tiny_vlm_dir)
+    assert len(tok) == model.config.text_config.vocab_size < 500
+    for special in QWEN_SPECIAL_TOKENS:
+        assert len(tok.encode(special)) == 1, special
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert model.config.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")
+    text = ' {"score": [7, 10], "reasoning": "the edited image"}'
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert "Ġscore" in tok.get_vocab() and len(tok.encode(" reasoning")) == 1
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image"}]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert rendered.endswith("hi<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n")
+    features = AutoImageProcessor.from_pretrained(tiny_vlm_dir)(images=[noise_image(0)], return_tensors="pt")
+    assert features["image_grid_thw"].tolist() == [[1, 4, 4]]  # 16 patches -> 4 vision tokens after the 2x2 merge
+
+
+def test_generate_returns_one_string_per_prompt_in_order_and_is_deterministic(
+    engine, prompts: list[JudgePrompt]
+) -> None:
+    assert isinstance(engine, JudgeEngine) and engine.name == "transformers"
+    replies = engine.generate(prompts, seed=3)
+    assert len(replies) == 3 and all(isinstance(r, str) and r for r in replies)
+    assert engine.generate(prompts, seed=3) == replies
+    # In order: each prompt alone (no padding, other batch) gives the reply it got in the batch.
+    assert [engine.generate([p], seed=3)[0] for p in prompts] == replies
+    for prompt, reply in zip(prompts, replies, strict=True):  # only the new tokens are decoded
+        assert prompt.text not in reply and "assistant" + chr(10) not in reply
+    assert engine.generate([], seed=3) == []
+
+
+def test_sampling_depends_on_seed_only(tiny_vlm_dir: Path, prompts: list[JudgePrompt]) -> None:
+    from editrl.scorer.engines.hf import TransformersEngine
+
+    sampler = TransformersEngine(str(tiny_vlm_dir), max_new_tokens=MAX_NEW_TOKENS, batch_size=3, temperature=1.0)
+    first = sampler.generate(prompts, seed=5)
+    assert sampler.generate(prompts, seed=5) == first
+    assert sampler.generate(prompts, seed=6) != first
+
+
+def test_failed_batch_gives_none_and_other_batches_still_run(engine, prompts: list[JudgePrompt]) -> None:
+    broken = JudgePrompt("a corrupt image", [truncated_image()])  # opens lazily, fails when the engine loads it
+    replies = engine.generate([prompts[0], prompts[1], broken], seed=3)
+    assert replies[2] is None
+    assert replies[:2] == engine.generate(prompts[:2], seed=3)
+
+
+def test_engine_rejects_bad_options() -> None:
+    from editrl.scorer.engines.hf import TransformersEngine
+
+    with pytest.raises(ValueError, match="batch_size"):
+        TransformersEngine("x", batch_size=0)
+    with pytest.raises(ValueError, match="dtype"):
+        TransformersEngine("x", dtype="float8")
+    with pytest.raises(ValueError, match="temperature"):
+        TransformersEngine("x", temperature=-1.0)
+
+
+def test_vlm_backend_with_random_judge_never_scores(engine) -> None:
+    if importlib.util.find_spec("editrl.scorer.vlm") is None:
+        pytest.skip("editrl.scorer.vlm (VLMBackend) is not written yet")
+    from editrl.scorer.backend import ScoreRequest
+    from editrl.scorer.vlm import VLMBackend
+
+    calls: list[int] = []
+
+    class Recording:
+        name = "recording"
+
+        def generate(self, prompts: list[JudgePrompt], seed: int = 0, max_new_tokens: int = 512) -> list[str | None]:
+            calls.append(len(prompts))
+            return engine.generate(prompts, seed, max_new_tokens)
+
+    backend = VLMBackend(engine=Recording(), max_reasks=1, max_new_tokens=MAX_NEW_TOKENS)
+    request = ScoreRequest("g0", "make the sky red", "color_alter", noise_image(10), [noise_image(11), noise_image(12)])
+    scores = backend.score(request)
+    assert len(scores) == 2
+    for score in scores:
+        assert not score.scored and score.overall is None and score.sub_scores == {}
+        assert "unparseable" in score.reasoning
+    assert calls == [4, 4]  # SC + PQ per edit in one call, then one re-ask of all four
