@@ -90,6 +90,7 @@ class ScorersConfig:
     backend: str = "metric"
     options: dict[str, Any] = field(default_factory=dict)
     threads: int = 1
+    batch: int = 1  # groups packed into one backend call (the scorer's capacity at the broker)
 
 
 @dataclass
@@ -136,6 +137,7 @@ _POSITIVE = {
     "actors.threads",
     "scorers.count",
     "scorers.threads",
+    "scorers.batch",
     "learner.nproc",
     "learner.threads",
     "learner.groups_per_step",

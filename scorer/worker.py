@@ -40,7 +40,8 @@ def run_worker(cfg: TopologyConfig, index: int, backend: ScoreBackend, log: Any,
     done = threading.Event()
     beat = threading.Thread(target=_heartbeats, args=(ctx, cfg, worker_id, done), daemon=True)
     beat.start()
-    ready = wire.encode(wire.ScorerReady(worker_id, cfg.scorers.backend, 1))
+    batch = cfg.scorers.batch  # groups per backend call; announced as our capacity so the broker keeps us full
+    ready = wire.encode(wire.ScorerReady(worker_id, cfg.scorers.backend, batch))
     last_ready = 0.0
     n_jobs = 0
     log.info("scorer_started", backend=cfg.scorers.backend, endpoint=cfg.broker.endpoint)
@@ -53,17 +54,14 @@ def run_worker(cfg: TopologyConfig, index: int, backend: ScoreBackend, log: Any,
                 last_ready = time.monotonic()
             if not sock.poll(100):
                 continue
-            try:
-                job = wire.decode(sock.recv_multipart(copy=False))
-            except wire.WireError as exc:
-                log.warning("message_rejected", reason=exc.reason)
-                continue
-            if not isinstance(job, wire.ScoreJob):
+            jobs = _receive_jobs(sock, batch, log)
+            if not jobs:
                 continue
             t0 = time.monotonic()
-            sock.send_multipart(wire.encode(score_job(backend, job, worker_id, log)))
-            n_jobs += 1
-            log.debug("job_scored", group_id=job.group_id, seconds=round(time.monotonic() - t0, 4), n_jobs=n_jobs)
+            for result in score_jobs(backend, jobs, worker_id, log):
+                sock.send_multipart(wire.encode(result))
+            n_jobs += len(jobs)
+            log.debug("jobs_scored", groups=len(jobs), seconds=round(time.monotonic() - t0, 4), n_jobs=n_jobs)
     finally:
         done.set()
         log.info("scorer_stopped", jobs=n_jobs)
@@ -84,30 +82,69 @@ def _heartbeats(ctx: zmq.Context, cfg: TopologyConfig, worker_id: str, done: thr
     sock.close(linger=0)
 
 
-def score_job(backend: ScoreBackend, job: wire.ScoreJob, worker_id: str, log: Any) -> wire.ScoreResult:
-    """ScoreJob → ScoreResult through ``backend``; undecodable images or a backend error → all edits unscored."""
+def _receive_jobs(sock: zmq.Socket, batch: int, log: Any, linger_ms: int = 5) -> list[wire.ScoreJob]:
+    """What is waiting, up to ``batch`` jobs (a few ms of linger lets a burst arrive, so groups pack together)."""
+    jobs: list[wire.ScoreJob] = []
+    while len(jobs) < batch and sock.poll(0 if not jobs else linger_ms):
+        try:
+            msg = wire.decode(sock.recv_multipart(copy=False))
+        except wire.WireError as exc:
+            log.warning("message_rejected", reason=exc.reason)
+            continue
+        if isinstance(msg, wire.ScoreJob):
+            jobs.append(msg)
+    return jobs
 
-    n = len(job.edit_pngs)
+
+def score_jobs(backend: ScoreBackend, jobs: list[wire.ScoreJob], worker_id: str, log: Any) -> list[wire.ScoreResult]:
+    """ScoreJobs → ScoreResults, several groups in one backend call when the backend has ``score_many``.
+
+    A job whose images cannot be decoded, or a backend failure, gives that job (or the whole call) all edits
+    unscored: never a made-up number.
+    """
+    requests: list[ScoreRequest] = []
+    results: dict[str, wire.ScoreResult] = {}
+    for job in jobs:
+        try:
+            requests.append(
+                ScoreRequest(
+                    group_id=job.group_id,
+                    instruction=job.instruction,
+                    task_type=job.task_type,
+                    source=from_png(job.source_png),
+                    edits=[from_png(p) for p in job.edit_pngs],
+                )
+            )
+        except ValueError as exc:
+            results[job.job_id] = _unscored(job, worker_id, f"unreadable image: {exc}", log)
+    scorable = [job for job in jobs if job.job_id not in results]
     try:
-        request = ScoreRequest(
+        many = getattr(backend, "score_many", None)
+        all_scores = many(requests) if many is not None and len(requests) > 1 else [backend.score(r) for r in requests]
+    except Exception as exc:  # a backend failure must not take the worker down
+        all_scores = [exc] * len(requests)
+    for job, scores in zip(scorable, all_scores, strict=True):
+        if isinstance(scores, Exception) or len(scores) != len(job.edit_pngs):
+            reason = str(scores) if isinstance(scores, Exception) else f"backend returned {len(scores)} scores"
+            results[job.job_id] = _unscored(job, worker_id, reason, log)
+            continue
+        results[job.job_id] = wire.ScoreResult(
+            job_id=job.job_id,
             group_id=job.group_id,
-            instruction=job.instruction,
-            task_type=job.task_type,
-            source=from_png(job.source_png),
-            edits=[from_png(p) for p in job.edit_pngs],
+            worker_id=worker_id,
+            scored=[s.scored for s in scores],
+            overall=[s.overall if s.scored else None for s in scores],
+            sub_scores=[{k: float(v) for k, v in s.sub_scores.items()} for s in scores],
+            reasoning=[s.reasoning for s in scores],
         )
-        scores = backend.score(request)
-        if len(scores) != n:
-            raise ValueError(f"backend returned {len(scores)} scores for {n} edits")
-    except Exception as exc:  # a bad job or a backend failure must not take the worker down
-        log.warning("job_unscored", group_id=job.group_id, error=str(exc)[:200])
-        return wire.ScoreResult(job.job_id, job.group_id, worker_id, [False] * n, [None] * n, [{}] * n, [str(exc)] * n)
-    return wire.ScoreResult(
-        job_id=job.job_id,
-        group_id=job.group_id,
-        worker_id=worker_id,
-        scored=[s.scored for s in scores],
-        overall=[s.overall if s.scored else None for s in scores],
-        sub_scores=[{k: float(v) for k, v in s.sub_scores.items()} for s in scores],
-        reasoning=[s.reasoning for s in scores],
-    )
+    return [results[job.job_id] for job in jobs]
+
+
+def score_job(backend: ScoreBackend, job: wire.ScoreJob, worker_id: str, log: Any) -> wire.ScoreResult:
+    return score_jobs(backend, [job], worker_id, log)[0]
+
+
+def _unscored(job: wire.ScoreJob, worker_id: str, reason: str, log: Any) -> wire.ScoreResult:
+    log.warning("job_unscored", group_id=job.group_id, error=reason[:200])
+    n = len(job.edit_pngs)
+    return wire.ScoreResult(job.job_id, job.group_id, worker_id, [False] * n, [None] * n, [{}] * n, [reason] * n)
