@@ -81,6 +81,7 @@ def _lazy_factory(module: str, attribute: str) -> BackendFactory:
 _BACKENDS: dict[str, BackendFactory] = {
     "metric": _lazy_factory("editrl.scorer.metric", "MetricBackend"),
     "vlm": _lazy_factory("editrl.scorer.vlm", "VLMBackend"),
+    "composite": _lazy_factory("editrl.scorer.composite", "CompositeBackend"),
 }
 
 
