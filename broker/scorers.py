@@ -65,6 +65,16 @@ class ScorerPool:
         self.queue: collections.deque[str] = collections.deque(store.pending_ids())  # groups awaiting a scorer
         self.payloads: dict[str, JobPayload] = {}  # ScoreJob fields of pending groups (reloaded lazily)
         self._rr = 0  # round-robin start among scorers
+        self.checks: dict[str, tuple[bytes, wire.CheckGroup]] = {}  # transient check groups: never stored
+
+    def add_check(self, identity: bytes, msg: wire.CheckGroup) -> None:
+        """Score ``msg`` through the pool and answer ``identity`` directly; nothing is stored (a resend of the same
+        request replaces the waiting client and is not queued twice)."""
+        gid = "check:" + msg.request_id[:100]
+        if gid not in self.checks:
+            self.queue.append(gid)
+        self.checks[gid] = (identity, msg)
+        self.payloads[gid] = (msg.instruction, msg.task_type, msg.source_png, msg.edit_pngs)
 
     def add(self, group_id: str, payload: JobPayload) -> None:
         """A newly committed pending group."""
@@ -111,13 +121,10 @@ class ScorerPool:
         if not len(msg.scored) == len(msg.overall) == len(msg.sub_scores) == len(msg.reasoning) == size:
             raise wire.WireError("result_size", f"{msg.group_id}: {len(msg.overall)} scores for {size} edits")
         on_time = self.jobs.pop(msg.job_id, None) is not None
-        worker = self.workers.get(msg.worker_id)
-        if worker is not None:
-            worker.last_seen = time.monotonic()
-            worker.jobs.discard(msg.job_id)
-            worker.expired.pop(msg.job_id, None)
-            if on_time:
-                worker.misses, worker.quarantined = 0, False
+        self._release(msg, on_time)
+        if msg.group_id in self.checks:
+            self._answer_check(msg)
+            return
         if not on_time and msg.group_id in self.queue:
             self.queue.remove(msg.group_id)  # a late result for a requeued, not yet re-dispatched group: use it
         if not all(msg.scored) or any(o is None for o in msg.overall):
@@ -125,6 +132,26 @@ class ScorerPool:
             return
         scores = {"sub_scores": msg.sub_scores, "reasoning": msg.reasoning, "worker_id": msg.worker_id}
         turn.scored.append((msg.group_id, [float(o) for o in msg.overall], scores))
+
+    def _answer_check(self, msg: wire.ScoreResult) -> None:
+        identity, check = self.checks.pop(msg.group_id)
+        self.payloads.pop(msg.group_id, None)
+        if msg.group_id in self.queue:
+            self.queue.remove(msg.group_id)
+        reply = wire.CheckResult(
+            check.request_id, check.group_id, msg.worker_id, msg.scored, msg.overall, msg.sub_scores, msg.reasoning
+        )
+        self.send(identity, reply)
+
+    def _release(self, msg: wire.ScoreResult, on_time: bool) -> None:
+        """The worker that answered gets its slot back (and its record cleared if it was on time)."""
+        worker = self.workers.get(msg.worker_id)
+        if worker is not None:
+            worker.last_seen = time.monotonic()
+            worker.jobs.discard(msg.job_id)
+            worker.expired.pop(msg.job_id, None)
+            if on_time:
+                worker.misses, worker.quarantined = 0, False
 
     def after_scores(self, turn: TurnLike, scored: list[bool], dropped: list[bool]) -> None:
         for (group_id, _, _), ok in zip(turn.scored, scored, strict=True):

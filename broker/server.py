@@ -193,6 +193,8 @@ class Broker:
             self.scorers.on_result(msg, turn)
         elif isinstance(msg, wire.SampleRequest):
             turn.samples.append((identity, msg))
+        elif isinstance(msg, wire.CheckGroup):
+            self.scorers.add_check(identity, msg)
         elif isinstance(msg, wire.LeaseRequest):
             lease_id = self.lease_requests.get(msg.request_id)
             if lease_id in self.leases:  # a resend (lost reply, broker restart): the same lease again, not a second

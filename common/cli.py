@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("dir")
     data.add_argument("--n-tasks", type=int, default=16)
     data.add_argument("--size", type=int, default=64)
+    check = sub.add_parser("check", help="send a known workload through the live broker + scorers and verify it")
+    check.add_argument("config")
+    check.add_argument("--groups", type=int, default=8)
+    check.add_argument("--json", action="store_true")
+    check.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for one group's scores")
     keys = sub.add_parser("keys", help="generate CURVE keys: server pair, client pairs and the allowlist")
     keys.add_argument("dir")
     keys.add_argument("--clients", default="actors,scorers,learner", help="comma-separated client key names")
@@ -44,7 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("config")
     status.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    commands = {"up": _up, "make-tiny": _make_tiny, "make-data": _make_data, "status": _status, "keys": _keys}
+    commands = {
+        "up": _up,
+        "make-tiny": _make_tiny,
+        "make-data": _make_data,
+        "status": _status,
+        "keys": _keys,
+        "check": _check,
+    }
     return commands[args.command](args)
 
 
@@ -88,6 +100,33 @@ def _make_data(args: argparse.Namespace) -> int:
 
     print(make_quickstart_tasks(args.dir, n_tasks=args.n_tasks, size=args.size))
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from editrl.common.security import HandshakeError
+    from editrl.scorer.check import run_check
+
+    cfg = _load(args.config)
+    try:
+        summary = run_check(cfg, n_groups=args.groups, timeout_s=args.timeout).summary()
+    except HandshakeError as exc:
+        print(f"editrl: {exc}", file=sys.stderr)
+        return 3
+    except TimeoutError:
+        print(f"editrl: no answer from the broker/scorers at {cfg.broker.endpoint}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        state = "all scored, in range, in order" if summary["ok"] else "FAILED"
+        print(f"check: {summary['groups']} groups / {summary['images']} images: {state}")
+        print(
+            f"latency p50 {summary['latency_p50_s']} s, p95 {summary['latency_p95_s']} s, "
+            f"{summary['images_per_s']} images/s"
+        )
+        for failure in summary["failures"]:
+            print(f"  {failure}")
+    return 0 if summary["ok"] else 1
 
 
 def _keys(args: argparse.Namespace) -> int:

@@ -196,6 +196,31 @@ class ScoreResult:
 
 
 @dataclass
+class CheckGroup:
+    """client → broker: score these edits through the live scorer pool WITHOUT storing them (``editrl check``)."""
+
+    request_id: str
+    group_id: str
+    instruction: str
+    task_type: str
+    source_png: bytes
+    edit_pngs: list[bytes]
+
+
+@dataclass
+class CheckResult:
+    """broker → client: the scorer's answer for a CheckGroup, one entry per edit, in order."""
+
+    request_id: str
+    group_id: str
+    worker_id: str
+    scored: list[bool]
+    overall: list[float | None]
+    sub_scores: list[dict[str, float]]
+    reasoning: list[str]
+
+
+@dataclass
 class SampleRequest:
     """learner rank → broker: up to ``max_groups`` complete scored groups no older than ``min_version`` for training
     step ``step``, of which the rank already holds ``offset``.
@@ -257,6 +282,8 @@ MESSAGE_TYPES: dict[str, type] = {
         Heartbeat,
         ScoreJob,
         ScoreResult,
+        CheckGroup,
+        CheckResult,
         SampleRequest,
         Batch,
         PublishWeights,
