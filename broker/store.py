@@ -127,10 +127,6 @@ class ReplayStore:
     def _put_meta(self, txn: lmdb.Transaction, key: str, value: Any) -> None:
         txn.put(key.encode(), msgpack.packb(value, use_bin_type=True), db=self.db["meta"])
 
-    def _bump(self, txn: lmdb.Transaction, counters: dict[str, int], **deltas: int) -> None:
-        _add(counters, **deltas)
-        self._put_meta(txn, "counters", counters)
-
     def _status(self, txn: lmdb.Transaction, gid: bytes) -> dict[str, Any] | None:
         raw = txn.get(gid, db=self.db["status"])
         return None if raw is None else msgpack.unpackb(raw, raw=False)
@@ -346,9 +342,6 @@ class ReplayStore:
         self.commit_turn(task_cursor=cursor + 1)
         return cursor % n_tasks, cursor // n_tasks
 
-    def set_meta(self, key: str, value: Any) -> None:
-        self._write(lambda txn: self._put_meta(txn, key, value))
-
     def set_metas(self, values: dict[str, Any]) -> None:
         """Several meta keys in one transaction (all or nothing)."""
 
@@ -357,11 +350,6 @@ class ReplayStore:
                 self._put_meta(txn, key, value)
 
         self._write(txn_fn)
-
-    def bump(self, **deltas: int) -> None:
-        self._write(lambda txn: self._bump(txn, self._get_meta(txn, "counters", {}), **deltas))
-
-    # -- reads -------------------------------------------------------------------------------------------------
 
     def get_meta(self, key: str, default: Any = None) -> Any:
         with self.env.begin() as txn:

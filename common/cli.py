@@ -102,19 +102,27 @@ def _make_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(args: argparse.Namespace) -> int:
+def _ask_broker(cfg, call):  # noqa: ANN001, ANN202
+    """Run a client call; a failed handshake (exit 3) or no answer (exit 1) becomes a clear message."""
     from editrl.common.security import HandshakeError
+
+    try:
+        return call(), 0
+    except HandshakeError as exc:
+        print(f"editrl: {exc}", file=sys.stderr)
+        return None, 3
+    except TimeoutError:
+        print(f"editrl: no answer from the broker or its scorers at {cfg.broker.endpoint}", file=sys.stderr)
+        return None, 1
+
+
+def _check(args: argparse.Namespace) -> int:
     from editrl.scorer.check import run_check
 
     cfg = _load(args.config)
-    try:
-        summary = run_check(cfg, n_groups=args.groups, timeout_s=args.timeout).summary()
-    except HandshakeError as exc:
-        print(f"editrl: {exc}", file=sys.stderr)
-        return 3
-    except TimeoutError:
-        print(f"editrl: no answer from the broker/scorers at {cfg.broker.endpoint}", file=sys.stderr)
-        return 1
+    summary, code = _ask_broker(cfg, lambda: run_check(cfg, n_groups=args.groups, timeout_s=args.timeout).summary())
+    if summary is None:
+        return code
     if args.json:
         print(json.dumps(summary))
     else:
@@ -147,20 +155,15 @@ def _status(args: argparse.Namespace) -> int:
 
     from editrl.common import wire
     from editrl.common.net import BrokerClient, new_id
-    from editrl.common.security import HandshakeError
 
     cfg = _load(args.config)
     client = BrokerClient(zmq.Context(), cfg.broker.endpoint, "status", timeout_s=3.0, security=cfg.security)
     try:
-        reply = client.request(wire.StatusRequest(new_id()), retries=0)
-    except HandshakeError as exc:
-        print(f"editrl: {exc}", file=sys.stderr)
-        return 3
-    except TimeoutError:
-        print(f"editrl: no broker answering at {cfg.broker.endpoint}", file=sys.stderr)
-        return 1
+        reply, code = _ask_broker(cfg, lambda: client.request(wire.StatusRequest(new_id()), retries=0))
     finally:
         client.close()
+    if reply is None:
+        return code
     if args.json:
         print(json.dumps({"counters": reply.counters, "weights": reply.weights}))
     else:
