@@ -107,7 +107,7 @@ class LearnerConfig:
     publish_every: int = 1  # publish weights every K optimizer steps
     checkpoint_every: int = 20  # DCP checkpoint every M steps
     max_steps: int = 0  # 0 = run until stopped
-    master_port: int = 29511
+    master_port: int = 0  # torchrun's rendezvous port; 0 = a free one, picked again at every learner (re)start
 
 
 @dataclass
@@ -224,6 +224,10 @@ def _check(cfg: TopologyConfig) -> None:
         raise ConfigError("learner.groups_per_step: must be divisible by learner.nproc")
     if not cfg.broker.endpoint.startswith(("tcp://", "ipc://")):
         raise ConfigError(f"broker.endpoint: expected tcp://HOST:PORT or ipc://PATH, got {cfg.broker.endpoint!r}")
+    if not 0 <= cfg.learner.master_port <= 65535:
+        raise ConfigError(
+            f"learner.master_port: must be 0 (pick a free port) or a TCP port, got {cfg.learner.master_port}"
+        )
     if cfg.learner.lr <= 0 or cfg.learner.clip_range <= 0:
         raise ConfigError("learner.lr / learner.clip_range: must be > 0")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -67,13 +68,20 @@ def plan(cfg: TopologyConfig, config_path: str, max_steps: int | None) -> list[C
         )
     learner = [
         py, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.learner.nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(cfg.learner.master_port),
+        "--master_addr", "127.0.0.1", "--master_port", str(cfg.learner.master_port),  # 0: replaced in start()
         "-m", "editrl.learner.main", "--config", config_path,
     ]  # fmt: skip
     if max_steps is not None:
         learner += ["--max-steps", str(max_steps)]
     children.append(Child("learner", 0, learner, restart=True))
     return children
+
+
+def free_local_port() -> int:
+    """A port nobody listens on right now (the kernel's pick; torchrun binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Supervisor:
@@ -92,8 +100,11 @@ class Supervisor:
         out = open(self.log_dir / f"{child.name}.out", "ab")  # noqa: SIM115 - owned by the child's lifetime
         is_learner = child.role == "learner"
         threads = {"learner": self.cfg.learner.threads, "actor": self.cfg.actors.threads}.get(child.role, 1)
+        argv = list(child.argv)
+        if is_learner and self.cfg.learner.master_port == 0:  # a fresh port per start: a taken one cannot crash-loop
+            argv[argv.index("--master_port") + 1] = str(free_local_port())
         child.proc = subprocess.Popen(
-            child.argv,
+            argv,
             stdout=subprocess.PIPE if is_learner else out,
             stderr=out,
             stdin=subprocess.DEVNULL,
@@ -147,13 +158,26 @@ class Supervisor:
                 quick = time.monotonic() - child.started < QUICK_CRASH_S
                 child.quick_crashes = child.quick_crashes + 1 if quick else 0
                 if not child.restart or child.quick_crashes > MAX_QUICK_CRASHES:
-                    self.log.error("giving_up", name=child.name, returncode=rc, quick_crashes=child.quick_crashes)
+                    self.log.error(
+                        "giving_up", name=child.name, returncode=rc, quick_crashes=child.quick_crashes,
+                        output_tail=self._output_tail(child),
+                    )  # fmt: skip
                     self.exit_code, self.stopping = 1, True
                     break
                 if quick:  # crash loop: back off
                     time.sleep(RESTART_BACKOFF_S)
                 child.restarts += 1  # the learner resumes from its last checkpoint; the others are stateless
                 self.start(child)
+
+    def _output_tail(self, child: Child, limit: int = 2000) -> str:
+        """The end of a child's stdout/stderr file, so a crash loop says why without opening the logs directory."""
+        path = self.log_dir / f"{child.name}.out"
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - limit))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ANN001
         self.stopping = True

@@ -13,6 +13,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from editrl.common.entry import role_parser, run_guarded, start_role, stop_flag
+    from editrl.common.supervisor import free_local_port
 
     parser = role_parser("learner", __doc__, with_id=False)
     parser.add_argument("--max-steps", type=int, default=None, help="override learner.max_steps")
@@ -20,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     def rank(args: object, cfg: object) -> int:
         if "RANK" not in os.environ:  # plain `editrl learner`: a one-rank group
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(cfg.learner.master_port))  # type: ignore[attr-defined]
+            port = cfg.learner.master_port or free_local_port()  # type: ignore[attr-defined]
+            os.environ.setdefault("MASTER_PORT", str(port))
         return int(os.environ["RANK"])
 
     args, cfg, log = start_role("learner", parser, argv, proc_id=rank)

@@ -15,7 +15,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ from zmq.utils.monitor import recv_monitor_message
 from editrl.common import wire
 from editrl.common.net import harden
 from editrl.common.tasks import make_quickstart_tasks
+
+from ..integration.conftest import free_port
 
 pytestmark = pytest.mark.faults
 
@@ -64,22 +65,16 @@ RAW = "\x00raw-msgpack-splice\x00"  # a string placeholder replaced by raw Messa
 # The broker process
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _write_topology(tmp_path: Path, tasks: Path) -> Path:
     """The broker-relevant part of tests/integration/conftest.py:write_topology (the broker never loads the model)."""
     topo = {
         "run": {"name": "fuzz", "dir": str(tmp_path / "run"), "seed": 0},
-        "broker": {"endpoint": f"tcp://127.0.0.1:{_free_port()}", "max_staleness": 1},
+        "broker": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "max_staleness": 1},
         "policy": {"family": "flow", "model": str(tmp_path / "no-model"), "sampler": {"num_steps": 4, "noise_level": 0.7}},
         "data": {"tasks": str(tasks), "group_size": 8},
         "actors": {"count": 1},
         "scorers": {"count": 1, "backend": "metric"},
-        "learner": {"nproc": 1, "groups_per_step": 4, "lr": 3e-3, "master_port": _free_port(), "checkpoint_every": 5},
+        "learner": {"nproc": 1, "groups_per_step": 4, "lr": 3e-3, "checkpoint_every": 5},
     }  # fmt: skip
     path = tmp_path / "topo.yaml"
     path.write_text(yaml.safe_dump(topo))

@@ -3,17 +3,41 @@
 from __future__ import annotations
 
 import json
+import random
 import socket
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+_HANDED_OUT: set[int] = set()
+_RNG = random.Random()  # its own state: a test seeding the global generator must not replay the same ports
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port below the kernel's ephemeral range, never the same one twice in a test session.
+
+    Ports from ``bind(0)`` come from the ephemeral range, where any process's outgoing connection may take them as its
+    source port between this call and the server's bind; two consecutive ``bind(0)`` calls may also return the same
+    port. Either is the suspected cause of a CI run whose learner crashed six times in 1.5 s each (torchrun's store
+    failing to bind its port).
+    """
+    try:
+        low = min(int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]), 32768)
+    except (OSError, ValueError):
+        low = 32768
+    for _ in range(1000):
+        port = _RNG.randrange(20000, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def write_topology(tmp_path: Path, model_dir: Path, tasks: Path, **sections: dict[str, Any]) -> Path:
@@ -24,7 +48,7 @@ def write_topology(tmp_path: Path, model_dir: Path, tasks: Path, **sections: dic
         "data": {"tasks": str(tasks), "group_size": 8},
         "actors": {"count": 1},
         "scorers": {"count": 1, "backend": "metric"},
-        "learner": {"nproc": 1, "groups_per_step": 4, "lr": 3e-3, "master_port": free_port(), "checkpoint_every": 5},
+        "learner": {"nproc": 1, "groups_per_step": 4, "lr": 3e-3, "checkpoint_every": 5},
     }
     for name, values in sections.items():
         topo[name].update(values)

@@ -144,3 +144,26 @@ def test_ctrl_c_stops_every_process(tmp_path, tiny_model_dir, quickstart_tasks):
     time.sleep(0.5)
     leftovers = [p.pid for p in psutil.process_iter(["cmdline"]) if str(topo) in " ".join(p.info["cmdline"] or [])]
     assert not leftovers, f"processes still running after Ctrl-C: {leftovers}"
+
+
+def test_crash_looping_learner_stops_the_run_and_says_why(tmp_path, tiny_model_dir, quickstart_tasks):
+    """A learner that cannot start (its rendezvous port is taken) makes `editrl up` give up with exit 1 after a
+    bounded number of quick restarts, and the give-up line carries the end of the learner's own output."""
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        topo = write_topology(tmp_path, tiny_model_dir, quickstart_tasks, learner={"master_port": port})
+        proc = subprocess.run(
+            [sys.executable, "-m", "editrl.common.cli", "up", str(topo), "--max-steps", "3"],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    assert proc.returncode == 1
+    events = read_jsonl(tmp_path / "run/logs/supervisor-0.jsonl")
+    gave_up = [e for e in events if e["event"] == "giving_up"]
+    assert gave_up and gave_up[0]["name"] == "learner-0"
+    assert "address already in use" in gave_up[0]["output_tail"].lower()
+    assert not (tmp_path / "run/metrics.jsonl").exists() or not read_jsonl(tmp_path / "run/metrics.jsonl")

@@ -35,6 +35,7 @@ BASE = {"policy": {"model": "/m"}, "data": {"tasks": "/t.jsonl"}}
         ({"broker": {"endpoint": "http://x"}}, "broker.endpoint"),
         ({"actors": []}, "actors"),
         ({"learner": {"nproc": 2, "groups_per_step": 3}}, "learner.groups_per_step"),
+        ({"learner": {"master_port": 70000}}, "learner.master_port"),
     ],
 )
 def test_errors_name_the_dotted_path(patch, path):
