@@ -8,6 +8,7 @@ DEMO_STEPS ?= 300
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==2.13.0"
 	$(PYTHON) -m pip install -q -e ".[test]"
+	$(PYTHON) -m pip install -q --no-deps "editscore==0.2"  # its prompts only; see the editscore extra in pyproject
 
 demo: setup
 	rm -rf runs/quickstart  # a fresh run each time (`editrl up` alone resumes a stopped run)

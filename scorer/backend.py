@@ -77,11 +77,12 @@ def _lazy_factory(module: str, attribute: str) -> BackendFactory:
     return build
 
 
-# Backend name -> factory taking the options (the config minus "backend"). `vlm` and `editscore` go here later.
+# Backend name -> factory taking the options (the config minus "backend").
 _BACKENDS: dict[str, BackendFactory] = {
     "metric": _lazy_factory("editrl.scorer.metric", "MetricBackend"),
     "vlm": _lazy_factory("editrl.scorer.vlm", "VLMBackend"),
     "composite": _lazy_factory("editrl.scorer.composite", "CompositeBackend"),
+    "editscore": _lazy_factory("editrl.scorer.editscore", "EditScoreBackend"),
 }
 
 

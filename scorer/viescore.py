@@ -11,7 +11,8 @@ EditScore asks, so the numbers follow the argument):
 
 Arithmetic (every result on 0..10 whatever ``score_range`` the judge used):
 ``SC = min(sc) * 10 / score_range``, ``PQ = min(pq) * 10 / score_range``, ``O = sqrt(SC * PQ)``.
-``avg_at_k`` is EditScore's Avg@K with reduction ``average_last``: the mean over passes of ``sqrt(SC_i * PQ_i)``.
+``avg_at_k`` is EditScore's Avg@K; with its default reduction ``average_last`` the mean over passes of
+``sqrt(SC_i * PQ_i)``, with ``average_first`` ``sqrt(mean SC * mean PQ)``.
 
 Failure model: :func:`parse_scores` either returns exactly ``n_expected`` finite numbers inside
 ``[0, score_range]`` or raises :class:`JudgeParseError` with the reason. It repairs *syntax* (code fences, prose
@@ -237,19 +238,26 @@ def overall(sc_scores: list[float], pq_scores: list[float], score_range: int = 1
     return sc, pq, math.sqrt(max(sc, 0.0) * max(pq, 0.0))
 
 
-def avg_at_k(passes: list[tuple[list[float], list[float]]], score_range: int = 10) -> dict[str, float]:
-    """EditScore Avg@K, reduction ``average_last``: ``{"SC", "PQ", "overall", "passes"}`` on 0..10.
+REDUCTIONS = ("average_last", "average_first")
 
-    ``overall`` is the mean over passes of ``sqrt(SC_i * PQ_i)`` (not ``sqrt(mean SC * mean PQ)``); ``SC``/``PQ``
-    are the means of the per-pass values. Raises ValueError for no passes.
+
+def avg_at_k(
+    passes: list[tuple[list[float], list[float]]], score_range: int = 10, reduction: str = "average_last"
+) -> dict[str, float]:
+    """EditScore Avg@K: ``{"SC", "PQ", "overall", "passes"}`` on 0..10; ``SC``/``PQ`` are the means of the per-pass values.
+
+    ``average_last`` (EditScore's default): ``overall`` is the mean over passes of ``sqrt(SC_i * PQ_i)``.
+    ``average_first``: ``overall = sqrt(mean SC * mean PQ)``, with SC the min-based VIEScore value (EditScore's
+    single-image ``evaluate`` uses the first SC score there instead of the minimum; we do not copy that).
+    Raises ValueError for no passes or an unknown reduction.
     """
     if not passes:
         raise ValueError("avg_at_k needs at least one pass")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     per_pass = [overall(sc, pq, score_range) for sc, pq in passes]
     k = len(per_pass)
-    return {
-        "SC": sum(p[0] for p in per_pass) / k,
-        "PQ": sum(p[1] for p in per_pass) / k,
-        "overall": sum(p[2] for p in per_pass) / k,
-        "passes": float(k),
-    }
+    sc_mean = sum(p[0] for p in per_pass) / k
+    pq_mean = sum(p[1] for p in per_pass) / k
+    combined = sum(p[2] for p in per_pass) / k if reduction == "average_last" else math.sqrt(sc_mean * pq_mean)
+    return {"SC": sc_mean, "PQ": pq_mean, "overall": combined, "passes": float(k)}

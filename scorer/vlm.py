@@ -30,9 +30,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
+
 from editrl.scorer.backend import Score, ScoreRequest
 from editrl.scorer.engines import JudgeEngine, JudgePrompt
-from editrl.scorer.viescore import JudgeParseError, ParsedReply, avg_at_k, build_prompts, parse_scores
+from editrl.scorer.viescore import REDUCTIONS, JudgeParseError, ParsedReply, avg_at_k, build_prompts, parse_scores
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +62,18 @@ def _check_int(key: str, value: Any, minimum: int | None = None) -> None:
     """ValueError unless ``value`` is an integer (not a bool) and, if given, >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
         bound = "" if minimum is None else f" >= {minimum}"
-        raise ValueError(f"vlm backend option {key} must be an integer{bound}, got {value!r}")
+        raise ValueError(f"judge backend option {key} must be an integer{bound}, got {value!r}")
 
 
 class VLMBackend:
     """VIEScore/EditScore judged by a VLM engine; see the module docstring for batching and the failure model."""
 
     name = "vlm"
-    OPTIONS = ("engine", "engine_options", "num_pass", "max_reasks", "score_range", "seed", "max_new_tokens")
+    OPTIONS = (
+        "engine", "engine_options", "num_pass", "max_reasks", "score_range", "seed", "max_new_tokens", "reduction",
+    )  # fmt: skip
+    # Names of the four raw judge scores: SC [success, over-editing], PQ [naturalness, artifacts].
+    SUB_NAMES = ("SC_success", "SC_overedit", "PQ_naturalness", "PQ_artifacts")
 
     def __init__(
         self,
@@ -78,6 +84,7 @@ class VLMBackend:
         score_range: int = 10,
         seed: int = 42,
         max_new_tokens: int = 512,
+        reduction: str = "average_last",
     ) -> None:
         """``engine`` is an engine name (built lazily with ``engine_options``) or a JudgeEngine object."""
         if isinstance(engine, str):
@@ -94,6 +101,9 @@ class VLMBackend:
         _check_int("score_range", score_range, 1)
         _check_int("max_new_tokens", max_new_tokens, 1)
         _check_int("seed", seed)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"{self.name} backend option reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
         self.engine_name = engine if isinstance(engine, str) else getattr(engine, "name", type(engine).__name__)
         self._engine: JudgeEngine | None = None if isinstance(engine, str) else engine
         self.engine_options = dict(engine_options or {})
@@ -108,10 +118,10 @@ class VLMBackend:
         """Build from config options; unknown keys or bad values raise ValueError."""
         unknown = sorted(set(options) - set(cls.OPTIONS))
         if unknown:
-            raise ValueError(f"unknown vlm backend options {unknown}; allowed: {', '.join(cls.OPTIONS)}")
+            raise ValueError(f"unknown {cls.name} backend options {unknown}; allowed: {', '.join(cls.OPTIONS)}")
         engine = options.get("engine", "openai")
         if not isinstance(engine, str):
-            raise ValueError(f"vlm backend option engine must be one of {sorted(ENGINES)}, got {engine!r}")
+            raise ValueError(f"{cls.name} backend option engine must be one of {sorted(ENGINES)}, got {engine!r}")
         return cls(**options)
 
     @property
@@ -133,7 +143,7 @@ class VLMBackend:
         prompts: list[tuple[int, int, str, JudgePrompt]] = []
         for r, request in enumerate(requests):
             for e, edit in enumerate(request.edits):
-                sc, pq = build_prompts(request.instruction, request.source, edit, self.score_range)
+                sc, pq = self.build_prompts(request.instruction, request.source, edit)
                 prompts += [(r, e, "SC", sc), (r, e, "PQ", pq)]
         passes: list[list[_Slot]] = []
         for i in range(self.num_pass):
@@ -150,6 +160,12 @@ class VLMBackend:
             if kind == "SC":  # SC and PQ of an edit are adjacent: index, index + 1
                 results[r].append(self._combine([(slots[index], slots[index + 1]) for slots in passes]))
         return results
+
+    def build_prompts(
+        self, instruction: str, source: Image.Image, edit: Image.Image
+    ) -> tuple[JudgePrompt, JudgePrompt]:
+        """The (SC, PQ) questions for one edit (editrl's VIEScore prompts; subclasses bring their own)."""
+        return build_prompts(instruction, source, edit, self.score_range)
 
     def _ask(self, engine: JudgeEngine, slots: list[_Slot], seed: int) -> None:
         """One engine call for ``slots``; fills ``parsed`` or ``error`` of each."""
@@ -184,17 +200,12 @@ class VLMBackend:
                     )
         sc_lists = [sc.parsed.scores for sc, _ in passes if sc.parsed is not None]
         pq_lists = [pq.parsed.scores for _, pq in passes if pq.parsed is not None]
-        summary = avg_at_k(list(zip(sc_lists, pq_lists, strict=True)), self.score_range)
+        summary = avg_at_k(list(zip(sc_lists, pq_lists, strict=True)), self.score_range, self.reduction)
         k, scale = len(passes), 10.0 / self.score_range
-        sub_scores = {
-            "SC": summary["SC"],
-            "PQ": summary["PQ"],
-            "SC_success": sum(s[0] for s in sc_lists) / k * scale,
-            "SC_overedit": sum(s[1] for s in sc_lists) / k * scale,
-            "PQ_naturalness": sum(s[0] for s in pq_lists) / k * scale,
-            "PQ_artifacts": sum(s[1] for s in pq_lists) / k * scale,
-            "passes": float(k),
-        }
+        raw = [[s[0] for s in sc_lists], [s[1] for s in sc_lists], [s[0] for s in pq_lists], [s[1] for s in pq_lists]]
+        sub_scores = {"SC": summary["SC"], "PQ": summary["PQ"]}
+        sub_scores.update({name: sum(values) / k * scale for name, values in zip(self.SUB_NAMES, raw, strict=True)})
+        sub_scores["passes"] = float(k)
         first_sc, first_pq = passes[0]
         reasoning = f"{first_sc.parsed.reasoning if first_sc.parsed else ''} | "
         reasoning += first_pq.parsed.reasoning if first_pq.parsed else ""

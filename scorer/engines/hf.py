@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from editrl.scorer.engines import JudgePrompt
+from editrl.scorer.engines import JudgePrompt, check_sampling, prompt_parts
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,13 @@ def load_image_text_processor(model: str) -> Any:
 
 
 def chat_messages(prompt: JudgePrompt) -> list[dict[str, Any]]:
-    """Qwen-VL chat messages for one prompt: optional system, then user content = text followed by its images."""
+    """Qwen-VL chat messages for one prompt: optional system, then the user content in the prompt's layout."""
     messages: list[dict[str, Any]] = []
     if prompt.system:
         messages.append({"role": "system", "content": [{"type": "text", "text": prompt.system}]})
-    content: list[dict[str, Any]] = [{"type": "text", "text": prompt.text}]
-    content += [{"type": "image"} for _ in prompt.images]
+    content = [
+        {"type": "text", "text": part} if isinstance(part, str) else {"type": "image"} for part in prompt_parts(prompt)
+    ]
     messages.append({"role": "user", "content": content})
     return messages
 
@@ -104,6 +105,9 @@ class TransformersEngine:
         batch_size: int = 8,
         dtype: str = "float32",
         temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        lora: str = "",
         device: str = "cpu",
     ) -> None:
         if not model or not isinstance(model, str):
@@ -114,9 +118,13 @@ class TransformersEngine:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if dtype not in _DTYPES and dtype != "auto":
             raise ValueError(f"dtype must be one of {sorted(_DTYPES) + ['auto']}, got {dtype!r}")
-        if not 0.0 <= temperature <= 2.0:
-            raise ValueError(f"temperature must be in [0, 2], got {temperature}")
+        check_sampling(temperature, top_p, top_k)
+        if not isinstance(lora, str):
+            raise ValueError(f"lora must be a LoRA adapter directory or id (a string), got {lora!r}")
         self.model_id = model
+        self.lora = lora
+        self.top_p = float(top_p)
+        self.top_k = top_k
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.dtype = dtype
@@ -135,9 +143,14 @@ class TransformersEngine:
         processor.tokenizer.padding_side = "left"
         dtype = "auto" if self.dtype == "auto" else _DTYPES[self.dtype]
         model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=dtype)
+        if self.lora:  # EditScore ships LoRA adapters over the base VLM: merged once, in memory
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, self.lora).merge_and_unload()
         self._model = model.to(self.device).eval()
         self._processor = processor
-        log.info("loaded judge %s (%s, %s)", self.model_id, type(model).__name__, self.dtype)
+        log.info("loaded judge %s%s (%s, %s)", self.model_id, f" + {self.lora}" if self.lora else "",
+                 type(model).__name__, self.dtype)  # fmt: skip
 
     @property
     def model(self) -> Any:
@@ -182,7 +195,7 @@ class TransformersEngine:
         tokenizer = processor.tokenizer
         sampling: dict[str, Any] = {"do_sample": False}
         if self.temperature > 0:
-            sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0}
+            sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
         out = self._model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,

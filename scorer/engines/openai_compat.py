@@ -26,7 +26,7 @@ from typing import Any
 
 from PIL import Image
 
-from editrl.scorer.engines import JudgePrompt
+from editrl.scorer.engines import JudgePrompt, check_sampling, prompt_parts
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class OpenAIEngine:
         backoff_s: float = 0.5,
         concurrency: int = 4,
         temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
     ) -> None:
         if not base_url or not isinstance(base_url, str):
             raise ValueError(f"base_url must be a non-empty string, got {base_url!r}")
@@ -70,8 +72,8 @@ class OpenAIEngine:
             raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be an integer >= 1, got {concurrency!r}")
-        if not 0.0 <= temperature <= 2.0:
-            raise ValueError(f"temperature must be in [0, 2], got {temperature}")
+        check_sampling(temperature, top_p, top_k)
+        self.top_p, self.top_k = float(top_p), top_k
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key = api_key
@@ -92,19 +94,28 @@ class OpenAIEngine:
 
     def payload(self, prompt: JudgePrompt, seed: int, max_new_tokens: int) -> dict[str, Any]:
         """The chat-completions request body for one prompt."""
-        content: list[dict[str, Any]] = [{"type": "text", "text": prompt.text}]
-        content += [{"type": "image_url", "image_url": {"url": image_data_url(image)}} for image in prompt.images]
+        content = [
+            {"type": "text", "text": part}
+            if isinstance(part, str)
+            else {"type": "image_url", "image_url": {"url": image_data_url(part)}}
+            for part in prompt_parts(prompt)
+        ]
         messages: list[dict[str, Any]] = []
         if prompt.system:
             messages.append({"role": "system", "content": prompt.system})
         messages.append({"role": "user", "content": content})
-        return {
+        body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "seed": int(seed),
             "max_tokens": int(max_new_tokens),
             "temperature": self.temperature,
         }
+        if self.top_p < 1.0:
+            body["top_p"] = self.top_p
+        if self.top_k > 0:  # not in OpenAI's API; vLLM and SGLang servers accept it
+            body["top_k"] = self.top_k
+        return body
 
     def _generate_one(self, prompt: JudgePrompt, seed: int, max_new_tokens: int) -> str | None:
         """The reply text of one prompt or None; never raises."""

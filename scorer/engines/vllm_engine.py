@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from editrl.scorer.engines import JudgePrompt
+from editrl.scorer.engines import JudgePrompt, check_sampling, prompt_parts
 from editrl.scorer.engines.openai_compat import image_data_url
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,12 @@ def vllm_messages(prompt: JudgePrompt) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     if prompt.system:
         messages.append({"role": "system", "content": prompt.system})
-    content: list[dict[str, Any]] = [{"type": "text", "text": prompt.text}]
-    content += [{"type": "image_url", "image_url": {"url": image_data_url(image)}} for image in prompt.images]
+    content = [
+        {"type": "text", "text": part}
+        if isinstance(part, str)
+        else {"type": "image_url", "image_url": {"url": image_data_url(part)}}
+        for part in prompt_parts(prompt)
+    ]
     messages.append({"role": "user", "content": content})
     return messages
 
@@ -54,6 +58,10 @@ class VLLMEngine:
         model: str,
         max_new_tokens: int = 512,
         temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        lora: str = "",
+        max_lora_rank: int = 64,
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.85,
         max_model_len: int = 8192,
@@ -67,11 +75,13 @@ class VLLMEngine:
             ("tensor_parallel_size", tensor_parallel_size),
             ("max_model_len", max_model_len),
             ("limit_images_per_prompt", limit_images_per_prompt),
+            ("max_lora_rank", max_lora_rank),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
-        if not 0.0 <= temperature <= 2.0:
-            raise ValueError(f"temperature must be in [0, 2], got {temperature}")
+        check_sampling(temperature, top_p, top_k)
+        if not isinstance(lora, str):
+            raise ValueError(f"lora must be a LoRA adapter directory (a string), got {lora!r}")
         if not 0.0 < gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         try:
@@ -82,6 +92,8 @@ class VLLMEngine:
         self.model_id = model
         self.max_new_tokens = max_new_tokens
         self.temperature = float(temperature)
+        self.top_p, self.top_k = float(top_p), top_k
+        self.lora, self.max_lora_rank = lora, max_lora_rank
         self.tensor_parallel_size = tensor_parallel_size
         self.gpu_memory_utilization = float(gpu_memory_utilization)
         self.max_model_len = max_model_len
@@ -98,6 +110,7 @@ class VLLMEngine:
             gpu_memory_utilization=self.gpu_memory_utilization,
             max_model_len=self.max_model_len,
             limit_mm_per_prompt={"image": self.limit_images_per_prompt},
+            **({"enable_lora": True, "max_lora_rank": self.max_lora_rank} if self.lora else {}),
         )
         log.info("loaded vLLM judge %s (tp=%d)", self.model_id, self.tensor_parallel_size)
 
@@ -109,7 +122,10 @@ class VLLMEngine:
             return []
         self.load()
         limit = self.max_new_tokens if max_new_tokens is None else min(int(max_new_tokens), self.max_new_tokens)
-        params = self._vllm.SamplingParams(temperature=self.temperature, max_tokens=limit, seed=seed)
+        params = self._vllm.SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, max_tokens=limit, seed=seed,
+            **({"top_k": self.top_k} if self.top_k > 0 else {}),
+        )  # fmt: skip
         replies: list[str | None] = [None] * len(prompts)
         sendable = [i for i, p in enumerate(prompts) if len(p.images) <= self.limit_images_per_prompt]
         for i in sorted(set(range(len(prompts))) - set(sendable)):
@@ -135,7 +151,14 @@ class VLLMEngine:
         """Replies of one ``LLM.chat`` call (raises on failure or on a wrong number of outputs)."""
         if not prompts:
             return []
-        outputs = self._llm.chat([vllm_messages(p) for p in prompts], sampling_params=params, use_tqdm=False)
+        lora = None
+        if self.lora:  # served through vLLM's LoRA support (no merged copy written to disk)
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest("judge", 1, self.lora)
+        outputs = self._llm.chat(
+            [vllm_messages(p) for p in prompts], sampling_params=params, use_tqdm=False, lora_request=lora
+        )
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
         replies: list[str | None] = []

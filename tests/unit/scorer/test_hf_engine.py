@@ -7,7 +7,6 @@ and that the VLM backend never turns garbage into a number.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 from pathlib import Path
@@ -140,8 +139,6 @@ def test_engine_rejects_bad_options() -> None:
 
 
 def test_vlm_backend_with_random_judge_never_scores(engine) -> None:
-    if importlib.util.find_spec("editrl.scorer.vlm") is None:
-        pytest.skip("editrl.scorer.vlm (VLMBackend) is not written yet")
     from editrl.scorer.backend import ScoreRequest
     from editrl.scorer.vlm import VLMBackend
 
@@ -162,3 +159,66 @@ def test_vlm_backend_with_random_judge_never_scores(engine) -> None:
         assert not score.scored and score.overall is None and score.sub_scores == {}
         assert "unparseable" in score.reasoning
     assert calls == [4, 4]  # SC + PQ per edit in one call, then one re-ask of all four
+
+
+def test_labelled_layout_renders_exactly_editscores_qwen2_5_template(engine) -> None:
+    """EditScore builds its Qwen2.5 prompt by hand (default system, ``<imgN>: `` before each image, then the text);
+    the engine's rendering of a ``label_images`` prompt must be that string, token for token."""
+    from editrl.scorer.engines.hf import chat_messages
+
+    prompt = JudgePrompt("RULES: rate it", [noise_image(0), noise_image(1)], label_images=True)
+    rendered = engine.processor.apply_chat_template(chat_messages(prompt), tokenize=False, add_generation_prompt=True)
+    vision = "<|vision_start|><|image_pad|><|vision_end|>"
+    expected = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        f"<img1>: {vision}<img2>: {vision}RULES: rate it<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert rendered == expected
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_vlm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random (non-zero) LoRA adapter over the tiny VLM's language-model attention, saved in peft's format."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    base = AutoModelForImageTextToText.from_pretrained(str(tiny_vlm_dir), dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    out = tmp_path_factory.mktemp("tiny_editscore_lora")
+    get_peft_model(base, config).save_pretrained(out)
+    return out
+
+
+def test_lora_is_merged_into_the_judge(tiny_vlm_dir: Path, lora_dir: Path, engine) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from editrl.scorer.engines.hf import TransformersEngine
+
+    merged = TransformersEngine(str(tiny_vlm_dir), lora=str(lora_dir), max_new_tokens=MAX_NEW_TOKENS)
+    merged.load()
+    assert type(merged.model) is type(engine.model)  # merged and unloaded: a plain transformers model again
+    adapter = load_file(lora_dir / "adapter_model.safetensors")
+    (a_key,) = [k for k in adapter if "layers.0.self_attn.q_proj.lora_A" in k]
+    delta = adapter[a_key.replace("lora_A", "lora_B")] @ adapter[a_key] * (8 / 4)
+    name = next(n for n, _ in engine.model.named_parameters() if n.endswith("layers.0.self_attn.q_proj.weight"))
+    base_w, merged_w = dict(engine.model.named_parameters())[name], dict(merged.model.named_parameters())[name]
+    torch.testing.assert_close(merged_w, base_w + delta)
+
+
+def test_editscore_backend_on_the_tiny_judge_with_lora_never_scores(tiny_vlm_dir: Path, lora_dir: Path) -> None:
+    """The whole EditScore path on a real (random) model: package prompts, labelled images, sampling, LoRA -> the
+    garbage replies become unscored edits with the reason, never numbers."""
+    from editrl.scorer.backend import ScoreRequest, make_backend
+
+    backend = make_backend(
+        {"backend": "editscore", "model": str(tiny_vlm_dir), "lora": str(lora_dir), "max_reasks": 1,
+         "num_pass": 2, "max_new_tokens": MAX_NEW_TOKENS, "engine_options": {"batch_size": 4}}
+    )  # fmt: skip
+    request = ScoreRequest("g0", "make the sky red", "color_alter", noise_image(10), [noise_image(11), noise_image(12)])
+    scores = backend.score(request)
+    assert len(scores) == 2
+    for score in scores:
+        assert not score.scored and score.overall is None and "unparseable" in score.reasoning

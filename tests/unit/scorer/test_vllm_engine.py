@@ -36,11 +36,17 @@ class FakeLLM:
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
         self.calls: list[tuple[list[Any], Any]] = []
+        self.lora_requests: list[Any] = []
         FakeLLM.instances.append(self)
 
-    def chat(self, messages: list[Any], sampling_params: Any = None, use_tqdm: bool = True) -> list[Any]:
+    def chat(
+        self, messages: list[Any], sampling_params: Any = None, use_tqdm: bool = True, lora_request: Any = None
+    ) -> list[Any]:
         self.calls.append((messages, sampling_params))
-        texts = [conversation[-1]["content"][0]["text"] for conversation in messages]
+        self.lora_requests.append(lora_request)
+        texts = [
+            [p["text"] for p in conversation[-1]["content"] if p["type"] == "text"][-1] for conversation in messages
+        ]
         if any("boom" in text for text in texts):
             raise ValueError("prompt too long")
         completion = types.SimpleNamespace
@@ -52,7 +58,11 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     module = types.ModuleType("vllm")
     module.LLM = FakeLLM  # type: ignore[attr-defined]
     module.SamplingParams = lambda **kwargs: kwargs  # type: ignore[attr-defined]
+    lora, request = types.ModuleType("vllm.lora"), types.ModuleType("vllm.lora.request")
+    request.LoRARequest = lambda name, lora_id, path: (name, lora_id, path)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.lora", lora)
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", request)
     FakeLLM.instances.clear()
     return module
 
@@ -76,13 +86,30 @@ def test_adapter_builds_chat_messages_and_sampling_params(fake_vllm: types.Modul
         "limit_mm_per_prompt": {"image": 2},
     }
     ((messages, params),) = llm.calls  # one batched call
-    assert params == {"temperature": 0.0, "max_tokens": 64, "seed": 7}  # engine cap wins
+    assert params == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 64, "seed": 7}  # engine cap wins
+    assert llm.lora_requests == [None]
     system, user = messages[0]
     assert system == {"role": "system", "content": "be strict"}
-    assert [part["type"] for part in user["content"]] == ["text", "image_url", "image_url"]
+    assert [part["type"] for part in user["content"]] == ["text", "image_url", "image_url"]  # text first
     assert user["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
     assert [m["role"] for m in messages[1]] == ["user"]
     assert engine.generate([]) == []
+
+
+def test_lora_sampling_and_labelled_layout(fake_vllm: types.ModuleType) -> None:
+    """EditScore's set-up: a LoRA over the base model, top-p/top-k sampling, images first with <imgN> labels."""
+    from editrl.scorer.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine("base", lora="/adapters/editscore", temperature=0.7, top_p=0.9, top_k=20)
+    prompt = JudgePrompt("rate it", [noise_image(0), noise_image(1)], label_images=True)
+    assert engine.generate([prompt], seed=43) == ["reply to rate it"]
+    (llm,) = FakeLLM.instances
+    assert llm.kwargs["enable_lora"] is True and llm.kwargs["max_lora_rank"] == 64
+    assert llm.lora_requests == [("judge", 1, "/adapters/editscore")]
+    ((messages, params),) = llm.calls
+    assert params == {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_tokens": 512, "seed": 43}
+    parts = messages[0][0]["content"]
+    assert [p.get("text", p["type"]) for p in parts] == ["<img1>: ", "image_url", "<img2>: ", "image_url", "rate it"]
 
 
 def test_failed_batch_is_retried_per_prompt_and_only_failures_are_none(fake_vllm: types.ModuleType) -> None:
