@@ -2,7 +2,7 @@
 
 editrl up configs/quickstart.yaml [--max-steps N] [--dry-run]   start and supervise a whole topology
 editrl broker|actor|scorer|learner --config topo.yaml [--id N]   run one process of it
-editrl make-tiny DIR                                             build the tiny local FLUX-Kontext model
+editrl make-tiny DIR [--vlm]                                     build the tiny local FLUX-Kontext (or Qwen2.5-VL judge)
 editrl make-data DIR                                             write the synthetic quickstart task set
 editrl status topo.yaml [--json]                                 the broker's counters and queue depths
 """
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny = sub.add_parser("make-tiny", help="build a tiny random-weight FLUX-Kontext pipeline (no download)")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--vlm", action="store_true", help="a tiny Qwen2.5-VL judge instead (garbage replies, by design)")
     data = sub.add_parser("make-data", help="write the synthetic quickstart edit tasks (jsonl + PNGs)")
     data.add_argument("dir")
     data.add_argument("--n-tasks", type=int, default=16)
@@ -70,11 +71,24 @@ def _load(path: str):  # noqa: ANN202
         raise SystemExit(2) from None
 
 
+def _check_scorer_backend(cfg) -> None:  # noqa: ANN001
+    """Build the configured score backend once (cheap: judge models load lazily in the scorer) so a bad backend name
+    or option stops `editrl up` before any process starts, instead of a scorer crash loop."""
+    from editrl.scorer.backend import make_backend
+
+    try:
+        make_backend({"backend": cfg.scorers.backend, **cfg.scorers.options})
+    except (ValueError, ImportError) as exc:
+        print(f"editrl: config error: scorers.options: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _up(args: argparse.Namespace) -> int:
     from editrl.common.log import setup_logging
     from editrl.common.supervisor import Supervisor, plan, prepare
 
     cfg = _load(args.config)
+    _check_scorer_backend(cfg)
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         for child in plan(cfg, cfg.source_path, args.max_steps):
@@ -89,6 +103,11 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
+    if args.vlm:
+        from editrl.common.tiny_vlm import build_tiny_qwen2_5_vl
+
+        print(build_tiny_qwen2_5_vl(args.dir, seed=args.seed))
+        return 0
     from editrl.common.tiny import build_tiny_flux_kontext
 
     print(build_tiny_flux_kontext(args.dir, seed=args.seed))

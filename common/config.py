@@ -184,8 +184,28 @@ def parse_config(raw: Any, base_dir: Path = Path(".")) -> TopologyConfig:
         value = getattr(obj, name)
         if value and not Path(value).is_absolute() and (name != "model" or _is_local_model(value, base_dir, cfg)):
             setattr(obj, name, str((base_dir / value).resolve()))
+    cfg.scorers.options = _resolve_model_paths(cfg.scorers.options, base_dir)
     _check(cfg)
     return cfg
+
+
+_MODEL_PATH_KEYS = ("model", "lora")
+
+
+def _resolve_model_paths(options: Any, base_dir: Path) -> Any:
+    """Scorer options with every ``model``/``lora`` value that starts with ``.`` resolved against the YAML's folder
+    (nested parts of composites included); hub ids, absolute paths and everything else are left as written."""
+    if isinstance(options, list):
+        return [_resolve_model_paths(item, base_dir) for item in options]
+    if not isinstance(options, dict):
+        return options
+    out = {}
+    for key, value in options.items():
+        if key in _MODEL_PATH_KEYS and isinstance(value, str) and value.startswith("."):
+            out[key] = str((base_dir / value).resolve())
+        else:
+            out[key] = _resolve_model_paths(value, base_dir)
+    return out
 
 
 def _is_local_model(value: str, base_dir: Path, cfg: TopologyConfig) -> bool:

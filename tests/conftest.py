@@ -26,3 +26,15 @@ def quickstart_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from editrl.common.tasks import make_quickstart_tasks
 
     return make_quickstart_tasks(tmp_path_factory.mktemp("tasks"), n_tasks=16, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2.5-VL judge (model, tokenizer, image processor) saved once per session (no download)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    from editrl.common.tiny_vlm import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), seed=0)

@@ -6,11 +6,15 @@ Where torchvision is missing (it cannot be installed beside torch 2.13 cpu) ``Au
 processor; the engine then assembles the same processor class from ``AutoTokenizer`` + ``AutoImageProcessor`` with
 no video processor (:func:`load_image_text_processor`). Images work the same; videos are not supported then.
 
-Prompt layout (same as :class:`~editrl.scorer.engines.openai_compat.OpenAIEngine`): an optional system message, then
-one user message whose content is the prompt text followed by its images, rendered with the processor's chat
-template (``add_generation_prompt=True``).
+With ``lora`` (a peft adapter directory or id, e.g. EditScore's) the adapter is merged into the weights once, in
+memory (``PeftModel.from_pretrained(...).merge_and_unload()``, as the editscore package's HF path does).
 
-Generation: prompts run in batches of ``batch_size`` (left padding), greedy when ``temperature == 0`` else sampling;
+Prompt layout (same as :class:`~editrl.scorer.engines.openai_compat.OpenAIEngine`): an optional system message, then
+one user message whose content is :func:`~editrl.scorer.engines.prompt_parts` (text first, or EditScore's labelled
+images first), rendered with the processor's chat template (``add_generation_prompt=True``).
+
+Generation: prompts run in batches of ``batch_size`` (left padding), greedy when ``temperature == 0`` else sampling
+with ``top_p``/``top_k``;
 ``torch.manual_seed(seed)`` once per ``generate`` call, so the same prompts, seed and batch size give the same
 replies. Only the new tokens are decoded (special tokens skipped). ``max_new_tokens`` of the engine caps the
 per-call value: a call asks for ``min(call value, engine value)`` new tokens.

@@ -1,8 +1,9 @@
 """OpenAIEngine: a judge behind any OpenAI-compatible chat-completions server (OpenAI, vLLM serve, SGLang, ...).
 
 Plain ``urllib.request`` (no new dependency). Each prompt is one ``POST {base_url}/chat/completions`` with an
-optional system message and a user message whose content is the prompt text followed by its images as
-``data:image/png;base64,...`` URLs, plus ``model``, ``seed``, ``max_tokens`` and ``temperature``. Prompts run
+optional system message and a user message whose content is :func:`~editrl.scorer.engines.prompt_parts` (images as
+``data:image/png;base64,...`` URLs), plus ``model``, ``seed``, ``max_tokens``, ``temperature``, and ``top_p`` /
+``top_k`` when set (``top_k`` is a vLLM/SGLang extension). Prompts run
 concurrently on ``concurrency`` threads; replies come back in prompt order.
 
 Failure model (per prompt, never raised): timeouts, connection errors, HTTP 429 and HTTP 5xx are retried up to

@@ -6,12 +6,14 @@ Thin adapter over vLLM's public offline API:
   is built lazily on the first ``generate`` (or :meth:`VLLMEngine.load`) as ``LLM(model=..., tensor_parallel_size=...,
   gpu_memory_utilization=..., max_model_len=..., limit_mm_per_prompt={"image": limit_images_per_prompt})``.
 - Prompt layout (same as the OpenAI and transformers engines): an optional system message, then one user message
-  whose content is the prompt text followed by its images as OpenAI-style ``image_url`` parts with
-  ``data:image/png;base64,...`` URLs (accepted by ``LLM.chat`` in every vLLM release we support; the model's chat
-  template inserts the vision tokens).
-- All prompts of a call go to ONE ``LLM.chat(conversations, sampling_params=SamplingParams(temperature=...,
-  max_tokens=..., seed=seed), use_tqdm=False)`` so vLLM batches them; reply ``i`` is ``outputs[i].outputs[0].text``.
-  ``max_new_tokens`` of the engine caps the per-call value (as in the transformers engine).
+  whose content is :func:`~editrl.scorer.engines.prompt_parts` -- text parts and images as OpenAI-style
+  ``image_url`` parts with ``data:image/png;base64,...`` URLs (accepted by ``LLM.chat`` in every vLLM release we
+  support; the model's chat template inserts the vision tokens).
+- All prompts of a call go to ONE ``LLM.chat(conversations, sampling_params=SamplingParams(temperature=..., top_p=...,
+  [top_k=...,] max_tokens=..., seed=seed), use_tqdm=False, lora_request=...)`` so vLLM batches them; reply ``i`` is
+  ``outputs[i].outputs[0].text``. ``max_new_tokens`` of the engine caps the per-call value (as in the transformers
+  engine). With ``lora`` (e.g. the EditScore adapter) the ``LLM`` is built with ``enable_lora=True`` and every call
+  carries ``LoRARequest("judge", 1, lora)``: vLLM's own LoRA support, no merged copy of the model on disk.
 
 Failure model: if the batched ``chat`` call raises (e.g. one prompt longer than ``max_model_len`` or with more
 images than allowed), each prompt is retried alone, so only the prompts that fail on their own yield ``None``

@@ -3,14 +3,26 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from editrl.common.config import ConfigError, load_config, parse_config
 
 CONFIGS = sorted((Path(__file__).parents[3] / "configs").glob("*.yaml"))
+EXAMPLES = sorted((Path(__file__).parents[3] / "configs/examples").glob("*.yaml"))
 
 
 def test_configs_exist():
-    assert CONFIGS
+    assert CONFIGS and EXAMPLES
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_config_parses_and_its_score_backend_builds(path):
+    """The GPU examples cannot run here, but their topology and reward options must be valid (judges load lazily)."""
+    from editrl.scorer.backend import make_backend
+
+    cfg = load_config(path)
+    backend = make_backend({"backend": cfg.scorers.backend, **cfg.scorers.options})
+    assert backend.name == cfg.scorers.backend
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -84,3 +96,39 @@ def test_cli_exits_at_start_up_naming_the_field(tmp_path):
 def test_publish_interval_longer_than_the_staleness_window_is_rejected():
     with pytest.raises(ConfigError, match="learner.publish_every"):
         parse_config({**BASE, "broker": {"max_staleness": 0}, "learner": {"publish_every": 2}})
+
+
+@pytest.mark.parametrize(
+    "scorers, message",
+    [
+        ({"backend": "vlm", "options": {"engine": "gemini"}}, "unknown vlm engine 'gemini'"),
+        ({"backend": "editscore", "options": {"lora": "/a"}}, "option model: required"),
+        ({"backend": "oracle"}, "unknown score backend 'oracle'"),
+    ],
+)
+def test_up_rejects_bad_scorer_options_before_starting_anything(tmp_path, scorers, message):
+    import subprocess
+    import sys
+
+    import yaml
+
+    topo = tmp_path / "topo.yaml"
+    topo.write_text(yaml.safe_dump({**BASE, "run": {"dir": str(tmp_path / "run")}, "scorers": scorers}))
+    proc = subprocess.run([sys.executable, "-m", "editrl.common.cli", "up", str(topo)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and message in proc.stderr and "scorers.options" in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started or written
+
+
+def test_relative_judge_model_paths_resolve_against_the_yaml_and_hub_ids_stay(tmp_path):
+    topo = tmp_path / "sub/topo.yaml"
+    topo.parent.mkdir()
+    scorers = {"backend": "composite", "options": {"parts": {
+        "v": {"backend": "vlm", "engine": "transformers", "engine_options": {"model": "../judge"}},
+        "e": {"backend": "editscore", "model": "Qwen/Qwen2.5-VL-7B-Instruct", "lora": "./adapters/es"},
+    }, "overall": "v"}}  # fmt: skip
+    topo.write_text(yaml.safe_dump({**BASE, "scorers": scorers}))
+    parts = load_config(topo).scorers.options["parts"]
+    assert parts["v"]["engine_options"]["model"] == str(tmp_path / "judge")
+    assert parts["e"]["model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert parts["e"]["lora"] == str(tmp_path / "sub/adapters/es")

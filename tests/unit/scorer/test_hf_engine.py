@@ -8,7 +8,6 @@ and that the VLM backend never turns garbage into a number.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,18 +29,6 @@ def truncated_image() -> Image.Image:
     buffer = io.BytesIO()
     noise_image(99).save(buffer, format="PNG")
     return Image.open(io.BytesIO(buffer.getvalue()[: len(buffer.getvalue()) // 2]))
-
-
-@pytest.fixture(scope="session")
-def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Qwen2.5-VL (model, tokenizer, image processor) saved once per session."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    torch.set_num_threads(1)
-    from editrl.common.tiny_vlm import build_tiny_qwen2_5_vl
-
-    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), seed=0)
 
 
 @pytest.fixture(scope="module")
