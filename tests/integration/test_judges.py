@@ -6,6 +6,7 @@ dropped and counted -- never stored with a number, never trained on -- while the
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -38,6 +39,10 @@ def test_random_vlm_judge_groups_are_requeued_once_then_dropped_and_counted(
                 break
             assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else ""
             time.sleep(0.5)
+        status = subprocess.run([sys.executable, "-m", "editrl.common.cli", "status", str(topo), "--json"],
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        counters = json.loads(status.stdout)["counters"]
+        assert counters["dropped_unscorable"] >= 3 and counters["unscored_requeued"] >= counters["dropped_unscorable"]
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)

@@ -74,9 +74,9 @@ class JudgeHandler(BaseHTTPRequestHandler):
             return
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         user = body["messages"][-1]["content"]
-        text = user[0]["text"]
+        text = " ".join(part["text"] for part in user if part["type"] == "text")
         images = []
-        for part in user[1:]:
+        for part in [part for part in user if part["type"] == "image_url"]:
             url = part["image_url"]["url"]
             assert url.startswith("data:image/png;base64,"), url[:40]
             image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
@@ -95,6 +95,9 @@ class JudgeHandler(BaseHTTPRequestHandler):
                     "seed": body["seed"],
                     "max_tokens": body["max_tokens"],
                     "temperature": body["temperature"],
+                    "top_p": body.get("top_p"),
+                    "top_k": body.get("top_k"),
+                    "content": [part["type"] for part in body["messages"][-1]["content"]],
                     "model": body["model"],
                     "roles": [m["role"] for m in body["messages"]],
                     "auth": self.headers.get("Authorization"),
@@ -175,6 +178,17 @@ def test_valid_reply_and_wire_format(server: JudgeServer) -> None:
     assert request["seed"] == 17 and request["max_tokens"] == 99 and request["temperature"] == 0.7
     assert request["model"] == "judge-model" and request["auth"] == "Bearer k123"
     assert request["roles"] == ["system", "user"] and request["n_images"] == 1
+    assert request["top_p"] is None and request["top_k"] is None  # not sent unless set
+    assert request["content"] == ["text", "image_url"]
+
+
+def test_editscore_sampling_and_labelled_layout_on_the_wire(server: JudgeServer) -> None:
+    engine = make_engine(server, temperature=0.7, top_p=0.9, top_k=20)
+    labelled = JudgePrompt("Rate this. CASE:valid:b", [Image.new("RGB", (8, 8))] * 2, label_images=True)
+    assert json.loads(engine.generate([labelled])[0])["score"] == [7, 8]
+    (request,) = server.requests
+    assert (request["top_p"], request["top_k"]) == (0.9, 20) and request["roles"] == ["user"]
+    assert request["content"] == ["text", "image_url", "text", "image_url", "text"]
 
 
 def test_results_keep_prompt_order_with_concurrency(server: JudgeServer) -> None:
