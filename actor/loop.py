@@ -11,7 +11,8 @@ import zmq
 
 from editrl.common import wire
 from editrl.common.config import TopologyConfig
-from editrl.common.flow import FluxKontextPolicy, LoraSpec, load_lora_state_dict
+from editrl.common.family import load_policy
+from editrl.common.flow import load_lora_state_dict
 from editrl.common.images import to_png
 from editrl.common.net import BrokerClient, new_id
 from editrl.common.tasks import MissingImageError, Task, load_source_image
@@ -23,9 +24,8 @@ class Actor:
         self.cfg, self.log = cfg, log
         self.actor_id = f"actor-{actor_id}"
         self.ctx = ctx or zmq.Context()
-        lora = LoraSpec(rank=cfg.policy.lora.rank, alpha=cfg.policy.lora.alpha)
         t0 = time.monotonic()
-        self.policy = FluxKontextPolicy.from_pretrained(cfg.policy.model, with_pipeline=True, lora=lora)
+        self.policy = load_policy(cfg.policy, with_pipeline=True)
         log.info("policy_loaded", model=cfg.policy.model, seconds=round(time.monotonic() - t0, 2))
         self.client = BrokerClient(self.ctx, cfg.broker.endpoint, self.actor_id, security=cfg.security)
         self.version = 0
@@ -85,7 +85,7 @@ class Actor:
         for attempt in range(attempts):
             try:
                 state = load_published(info)
-                load_lora_state_dict(self.policy.transformer, state)
+                load_lora_state_dict(self.policy.trainable_module(), state)
                 break
             except (ValueError, KeyError, OSError) as exc:
                 self.log.warning("weights_load_failed", version=info.version, attempt=attempt, error=str(exc)[:200])
@@ -104,14 +104,9 @@ class Actor:
             skip = wire.SkipTask(new_id(), lease.lease_id, task.task_id, self.actor_id, "missing_image")
             self.client.request(skip, should_stop=self.should_stop)
             return None
-        sampler = self.cfg.policy.sampler
         t0 = time.monotonic()
         with torch.no_grad():
-            cond = self.policy.encode_condition(task.instruction, source)
-            traj = self.policy.sample_group(
-                cond, self.cfg.data.group_size, sampler.num_steps, sampler.noise_level, sampler.guidance, self.generator
-            )
-            edits = self.policy.decode(traj.latents[:, -1])
+            rollout = self.policy.sample(task.instruction, source, self.cfg.data.group_size, self.generator)
         self.log.debug("group_sampled", task_id=task.task_id, seconds=round(time.monotonic() - t0, 3))
         return wire.RolloutGroup(
             request_id=new_id(),
@@ -123,16 +118,12 @@ class Actor:
             instruction=task.instruction,
             task_type=task.task_type,
             source_png=to_png(source),
-            edit_pngs=[to_png(im) for im in edits],
-            latents=traj.latents.numpy().astype(np.float32, copy=False),
-            log_probs=traj.log_probs.numpy().astype(np.float32, copy=False),
-            sigmas=traj.sigmas.numpy().astype(np.float32, copy=False),
-            cond={k: np.ascontiguousarray(v) for k, v in cond.to_arrays().items()},
-            height=cond.height,
-            width=cond.width,
-            noise_level=sampler.noise_level,
-            guidance=sampler.guidance,
-            train_steps=sampler.num_steps - 1,  # the last, near-noiseless step is never trained on
+            edit_pngs=[to_png(im) for im in rollout.images],
+            family=rollout.family,
+            traj={k: np.ascontiguousarray(v) for k, v in rollout.traj.items()},
+            log_probs=np.ascontiguousarray(rollout.log_probs, dtype=np.float32),
+            cond={k: np.ascontiguousarray(v) for k, v in rollout.cond.items()},
+            params=dict(rollout.params),
         )
 
     def close(self) -> None:

@@ -66,9 +66,9 @@ def make_group(payload_kib: int, index: int = 0, rng_seed: int = 0) -> wire.Roll
         request_id=f"req-{index}", group_id=f"g-{index}", lease_id=f"fake-lease-{index}", task_id="t0",
         actor_id="bench-actor", policy_version=0, instruction="make it red", task_type="color_alter",
         source_png=rng.bytes(PNG_BYTES), edit_pngs=[rng.bytes(PNG_BYTES) for _ in range(GROUP_SIZE)],
-        latents=latents, log_probs=np.zeros((GROUP_SIZE, 3), np.float32),
-        sigmas=np.linspace(1.0, 0.0, 4, dtype=np.float32), cond={"txt": np.ones((8, 16), np.float32)},
-        height=64, width=64, noise_level=0.7, guidance=2.5, train_steps=2,
+        family="flow", traj={"latents": latents}, log_probs=np.zeros((GROUP_SIZE, 3), np.float32),
+        cond={"txt": np.ones((8, 16), np.float32), "sigmas": np.linspace(1.0, 0.0, 4, dtype=np.float32)},
+        params={"noise_level": 0.7, "guidance": 2.5},
     )  # fmt: skip
 
 
@@ -240,7 +240,7 @@ def drive_broker(
     learner = _dealer(ctx, endpoint, "bench-learner")
     try:
         template = make_group(payload_kib)
-        payload_bytes = template.latents.nbytes
+        payload_bytes = template.traj["latents"].nbytes
         # Warm-up: every socket connected; the scorer registered (ScorerReady is handled before the Status reply).
         scorer.send_multipart(wire.encode(wire.ScorerReady("bench-scorer", "metric", 4 * window)))
         for sock in (scorer, actor, learner):
@@ -313,7 +313,7 @@ def drive_broker(
         t1 = time.perf_counter()
         assert last_batch is not None
         last = wire.decode(wire.decode_record(last_batch.groups[-1]))
-        assert last.latents.nbytes == payload_bytes
+        assert last.traj["latents"].nbytes == payload_bytes
         counters = _roundtrip(learner, wire.StatusRequest("final")).counters
     finally:
         for sock in (actor, scorer, learner):

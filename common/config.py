@@ -50,14 +50,25 @@ class LoraConfig:
 
 @dataclass
 class SamplerConfig:
-    num_steps: int = 4
-    noise_level: float = 0.7
-    guidance: float = 2.5
+    """Sampler settings; each family reads the ones that concern it (see editrl.common.family)."""
+
+    num_steps: int = 4  # flow / ddim: denoising steps
+    noise_level: float = 0.7  # flow: a of the SDE (or CPS) noise
+    guidance: float = 2.5  # flux_kontext: embedded guidance; qwen_image_edit: true-CFG scale; ddim: text guidance
+    sde_type: str = "sde"  # flow: "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
+    sde_window: int = 0  # flow: 0 = every step stochastic (all but the last trained); K = a random K-step window
+    sde_window_range: list[int] = field(default_factory=list)  # flow: [lo, hi] the window lies in; default [0, N//2]
+    eta: float = 1.0  # ddim: DDIM eta (> 0 for a log-prob)
+    image_guidance: float = 1.5  # ddim: InstructPix2Pix image guidance
+    temperature: float = 1.0  # ar: sampling temperature
+    top_k: int = 0  # ar: top-k (0 = off)
+    max_new_tokens: int = 0  # ar: 0 = the model's image token count
 
 
 @dataclass
 class PolicyConfig:
-    family: str = "flow"
+    family: str = "flow"  # "flow" | "ddim" | "ar"
+    pipeline: str = ""  # flux_kontext | qwen_image_edit | instruct_pix2pix | emu3; "" = read from the checkpoint
     model: str = ""  # a local diffusers directory or a model id
     make_tiny: bool = False  # build a tiny random-weight model at `model` if it does not exist (demo / tests)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -159,7 +170,7 @@ _PATHS = {
     "security.client_secret_key",
     "security.allowed_clients_dir",
 }
-_FAMILIES = ("flow",)
+_FAMILIES = ("flow", "ddim", "ar")
 
 
 def load_config(path: str | Path) -> TopologyConfig:
@@ -222,6 +233,29 @@ def _check(cfg: TopologyConfig) -> None:
             raise ConfigError(f"{dotted}: must be > 0, got {obj}")
     if cfg.policy.family not in _FAMILIES:
         raise ConfigError(f"policy.family: {cfg.policy.family!r} is not one of {_FAMILIES}")
+    from editrl.common.family import PIPELINES
+
+    if cfg.policy.pipeline and cfg.policy.pipeline not in PIPELINES:
+        raise ConfigError(f"policy.pipeline: {cfg.policy.pipeline!r} is not one of {sorted(PIPELINES)}")
+    if cfg.policy.pipeline and PIPELINES[cfg.policy.pipeline][0] != cfg.policy.family:
+        raise ConfigError(
+            f"policy.pipeline: {cfg.policy.pipeline} belongs to family {PIPELINES[cfg.policy.pipeline][0]}"
+        )
+    sampler = cfg.policy.sampler
+    if sampler.sde_type not in ("sde", "cps"):
+        raise ConfigError(f"policy.sampler.sde_type: must be 'sde' or 'cps', got {sampler.sde_type!r}")
+    if sampler.sde_window < 0 or sampler.sde_window >= sampler.num_steps:
+        raise ConfigError("policy.sampler.sde_window: must be in [0, num_steps - 1]")
+    if sampler.sde_window_range and (
+        len(sampler.sde_window_range) != 2
+        or not 0 <= sampler.sde_window_range[0] <= sampler.sde_window_range[1] - sampler.sde_window
+        or sampler.sde_window_range[1] > sampler.num_steps - 1
+    ):
+        raise ConfigError(
+            "policy.sampler.sde_window_range: must be [lo, hi] with lo + sde_window <= hi <= num_steps - 1"
+        )
+    if cfg.policy.family == "ddim" and sampler.eta <= 0:
+        raise ConfigError("policy.sampler.eta: must be > 0 (DDIM needs noise for a log-prob)")
     if not cfg.policy.model:
         raise ConfigError("policy.model: required (a diffusers model directory or id)")
     if not cfg.data.tasks:
@@ -297,9 +331,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     if origin is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: expected a list of strings")
-        return list(value)
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping")

@@ -11,6 +11,8 @@ Shapes: B = batch, G = group size, N = sampler steps, L = packed latent tokens, 
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from editrl.common.family import Rollout
+
 __all__ = [
     "GroupCondition",
     "Trajectory",
     "LoraSpec",
     "FluxKontextPolicy",
+    "FlowSampler",
     "flow_sde_step",
+    "flow_cps_step",
+    "sde_window",
     "flux_schedule",
     "flux_velocity",
     "add_lora",
@@ -98,6 +105,62 @@ def flow_sde_step(
     return prev_sample, log_prob, mean, std
 
 
+def flow_cps_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: float | torch.Tensor,
+    sigma_next: float | torch.Tensor,
+    noise_level: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One coefficients-preserving (CPS) step, flow_grpo's ``sde_type='cps'`` (float32 throughout).
+
+    Same arguments and returns as :func:`flow_sde_step`. Math (REFERENCE-MATH 1.1):
+    std = sigma_next * sin(a * pi / 2); x0 = x - sigma v; x1 = x + (1 - sigma) v;
+    mean = x0 (1 - sigma_next) + x1 sqrt(sigma_next^2 - std^2); prev_sample = mean + std * eps.
+    The "log-prob" is flow_grpo's: ``-mean((prev_sample - mean)^2)`` with every constant removed (no 1/(2 std^2), no
+    log std), so it is NOT a Gaussian log-density and the ratio it gives is a tempered one -- reproduced exactly on
+    purpose, so runs compare with the reference. With a = 0 the step is the ODE step x + v (sigma_next - sigma).
+    """
+    if noise_level < 0:
+        raise ValueError(f"noise_level must be >= 0 for CPS, got {noise_level}")
+    x = x.to(torch.float32)
+    v = v.to(torch.float32)
+    b, nd = x.shape[0], x.ndim
+    s = _per_sample(sigma, b, nd).to(x.device)
+    s_next = _per_sample(sigma_next, b, nd).to(x.device)
+    std = s_next * math.sin(noise_level * math.pi / 2.0)
+    x0 = x - s * v
+    x1 = x + (1.0 - s) * v
+    mean = x0 * (1.0 - s_next) + x1 * torch.sqrt(torch.clamp(s_next**2 - std**2, min=0.0))
+    if prev_sample is None:
+        eps = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+        prev_sample = mean + std * eps
+    prev_sample = prev_sample.to(torch.float32)
+    log_prob = -((prev_sample.detach() - mean) ** 2).mean(dim=tuple(range(1, nd)))
+    return prev_sample, log_prob, mean, std
+
+
+STEPS = {"sde": flow_sde_step, "cps": flow_cps_step}
+
+
+def sde_window(num_steps: int, size: int, window_range: tuple[int, int] | None, rng: random.Random) -> tuple[int, int]:
+    """The (start, end) steps sampled stochastically and trained on; ODE steps outside it.
+
+    ``size == 0``: every step but the last, ``(0, N - 1)`` (the last, near-noiseless step is never trained on).
+    Otherwise flow_grpo's Flow-GRPO-Fast rule: ``start = randint(lo, hi - size)`` over ``window_range`` (default
+    ``(0, N // 2)``), window ``(start, start + size)``.
+    """
+    if size == 0:
+        return 0, num_steps - 1
+    lo, hi = window_range if window_range is not None else (0, num_steps // 2)
+    if not (0 <= lo and hi <= num_steps - 1 and hi - lo >= size >= 1):
+        raise ValueError(f"SDE window of {size} steps does not fit in range ({lo}, {hi}) of {num_steps} steps")
+    start = rng.randint(lo, hi - size)
+    return start, start + size
+
+
 def flux_schedule(num_steps: int, image_seq_len: int, scheduler_config: dict[str, Any]) -> torch.Tensor:
     """Sigma schedule [N+1] float32 exactly as FluxKontextPipeline builds it (final 0 included).
 
@@ -162,14 +225,33 @@ class GroupCondition:
 
 @dataclass
 class Trajectory:
-    """One sampled group: latents [G, N+1, L, C] (x_0 = noise ... x_N = final), log_probs [G, N] (behaviour
-    log-prob of each SDE step on the stored tensors), sigmas [N+1]; all float32."""
+    """One sampled group: latents [G, K+1, L, C] = x_start ... x_end of the stochastic window (all N+1 latents without
+    a window), log_probs [G, K] (behaviour log-prob of each stochastic step on the stored tensors), sigmas [N+1],
+    final [G, L, C] the last latent (decoded to the edits); all float32."""
 
     latents: torch.Tensor
     log_probs: torch.Tensor
     sigmas: torch.Tensor
     noise_level: float = 0.0
     guidance: float = 0.0
+    start: int = 0
+    final: torch.Tensor | None = None
+
+
+@dataclass
+class FlowSampler:
+    """Sampler settings of the flow family (see :func:`sde_window` and :data:`STEPS`)."""
+
+    num_steps: int = 4
+    noise_level: float = 0.7
+    guidance: float = 2.5
+    sde_type: str = "sde"  # "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
+    sde_window: int = 0  # 0: every step stochastic, all but the last trained; K: a random K-step window, ODE outside
+    sde_window_range: tuple[int, int] | None = None  # where the window may start/end; default (0, N // 2)
+
+    def __post_init__(self) -> None:
+        if self.sde_type not in STEPS:
+            raise ValueError(f"sde_type must be one of {sorted(STEPS)}, got {self.sde_type!r}")
 
 
 def _param_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -350,8 +432,10 @@ class FluxKontextPolicy:
         scheduler_config: dict[str, Any],
         pipeline: Any | None = None,
         max_sequence_length: int = 32,
+        sampler: FlowSampler | None = None,
     ) -> None:
         self.transformer = transformer
+        self.sampler = sampler or FlowSampler()
         self.scheduler_config = dict(scheduler_config)
         self.pipeline = pipeline
         self.max_sequence_length = max_sequence_length
@@ -365,6 +449,7 @@ class FluxKontextPolicy:
         lora: LoraSpec | None = None,
         torch_dtype: torch.dtype = torch.float32,
         max_sequence_length: int = 32,
+        sampler: FlowSampler | None = None,
     ) -> FluxKontextPolicy:
         """Load from a diffusers directory (or model id). LoRA, if given, is injected with B = 0."""
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
@@ -381,7 +466,7 @@ class FluxKontextPolicy:
         transformer.eval()
         if lora is not None:
             add_lora(transformer, lora)
-        return cls(transformer, sched_cfg, pipe, max_sequence_length=max_sequence_length)
+        return cls(transformer, sched_cfg, pipe, max_sequence_length=max_sequence_length, sampler=sampler)
 
     def _pipe(self) -> Any:
         if self.pipeline is None:
@@ -446,24 +531,100 @@ class FluxKontextPolicy:
         noise_level: float,
         guidance: float,
         generator: torch.Generator | None = None,
+        sde_type: str = "sde",
+        window: tuple[int, int] | None = None,
     ) -> Trajectory:
-        """Sample G SDE trajectories of one condition; ONE batched transformer forward per step."""
+        """Sample G trajectories of one condition; ONE batched transformer forward per step.
+
+        Steps ``start <= i < end`` of ``window`` (default: all) take the stochastic ``sde_type`` step and are stored;
+        the others are deterministic ODE steps ``x + v dt`` (no noise drawn, nothing stored).
+        """
         sigmas = flux_schedule(num_steps, cond.seq_len, self.scheduler_config)  # [N+1]
+        start, end = window if window is not None else (0, num_steps)
+        step = STEPS[sde_type]
         x = self.initial_noise(cond, group_size, generator)  # [G, L, C]
-        xs = [x]
+        xs: list[torch.Tensor] = []
         lps = []
         for i in range(num_steps):
             v = flux_velocity(self.transformer, x, sigmas[i], cond, guidance)
-            x, lp, _, _ = flow_sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, generator=generator)
-            xs.append(x)
-            lps.append(lp)
+            if start <= i < end:
+                if i == start:
+                    xs.append(x)
+                x, lp, _, _ = step(x, v, sigmas[i], sigmas[i + 1], noise_level, generator=generator)
+                xs.append(x)
+                lps.append(lp)
+            else:
+                x = x.to(torch.float32) + v * (sigmas[i + 1] - sigmas[i])
         return Trajectory(
-            latents=torch.stack(xs, dim=1).cpu(),  # [G, N+1, L, C]
-            log_probs=torch.stack(lps, dim=1).cpu(),  # [G, N]
+            latents=torch.stack(xs, dim=1).cpu(),  # [G, K+1, L, C]
+            log_probs=torch.stack(lps, dim=1).cpu(),  # [G, K]
             sigmas=sigmas,
             noise_level=float(noise_level),
             guidance=float(guidance),
+            start=start,
+            final=x.cpu(),
         )
+
+    # -- the family interface (editrl.common.family) ------------------------------------------------------------
+
+    family = "flow"
+
+    def sample(self, instruction: str, source: Any, group_size: int, generator: torch.Generator) -> Rollout:
+        """G edits as a :class:`~editrl.common.family.Rollout` with the sampler settings of ``self.sampler``."""
+        cfg = self.sampler
+        cond = self.encode_condition(instruction, source)
+        window = None
+        if cfg.sde_window:
+            rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            window = sde_window(cfg.num_steps, cfg.sde_window, cfg.sde_window_range, rng)
+        traj = self.sample_group(
+            cond, group_size, cfg.num_steps, cfg.noise_level, cfg.guidance, generator, cfg.sde_type, window
+        )
+        trained = traj.log_probs.shape[1] if window else cfg.num_steps - 1  # never the last, near-noiseless step
+        assert traj.final is not None
+        return Rollout(
+            family="flow",
+            traj={"latents": np.ascontiguousarray(traj.latents[:, : trained + 1].numpy())},
+            log_probs=np.ascontiguousarray(traj.log_probs[:, :trained].numpy()),
+            cond={**cond.to_arrays(), "sigmas": traj.sigmas.numpy()},
+            params={
+                "noise_level": float(cfg.noise_level),
+                "guidance": float(cfg.guidance),
+                "sde_type": cfg.sde_type,
+                "start": traj.start,
+                "height": cond.height,
+                "width": cond.width,
+            },
+            images=self.decode(traj.final, cond.height, cond.width),
+        )
+
+    def recompute(
+        self, model: torch.nn.Module, traj: dict[str, np.ndarray], cond: dict[str, np.ndarray], params: dict[str, Any]
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(u, log_prob [G, 1])`` for every stored step, the whole group in one forward, as the actor ran it."""
+        condition = GroupCondition.from_arrays(cond, height=params["height"], width=params["width"])
+        latents = torch.from_numpy(np.array(traj["latents"], dtype=np.float32))  # [G, S+1, L, C]
+        sigmas = torch.from_numpy(np.array(cond["sigmas"], dtype=np.float32))  # [N+1]
+        step, start = STEPS[params["sde_type"]], int(params["start"])
+        for u in range(latents.shape[1] - 1):
+            j = start + u
+            v = flux_velocity(model, latents[:, u], float(sigmas[j]), condition, params["guidance"])
+            _, log_prob, _, _ = step(
+                latents[:, u], v, float(sigmas[j]), float(sigmas[j + 1]), params["noise_level"],
+                prev_sample=latents[:, u + 1],
+            )  # fmt: skip
+            yield u, log_prob[:, None]
+
+    def shard_units(self) -> list[torch.nn.Module]:
+        """The double- and single-stream transformer blocks (FSDP2 units)."""
+        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.transformer
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.transformer
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, height: int | None = None, width: int | None = None) -> list[Any]:
@@ -478,3 +639,12 @@ class FluxKontextPolicy:
         z = z / vae.config.scaling_factor + vae.config.shift_factor  # [B, C/4, h, w]
         image = vae.decode(z, return_dict=False)[0]  # [B, 3, H, W] in ~[-1, 1]
         return pipe.image_processor.postprocess(image, output_type="pil")
+
+
+def load_flux_kontext(policy_cfg: Any, *, with_pipeline: bool) -> FluxKontextPolicy:
+    """The FLUX.1-Kontext policy for a ``config.PolicyConfig`` (see :func:`editrl.common.family.load_policy`)."""
+    s = policy_cfg.sampler
+    window_range = tuple(s.sde_window_range) if s.sde_window_range else None
+    sampler = FlowSampler(s.num_steps, s.noise_level, s.guidance, s.sde_type, s.sde_window, window_range)
+    lora = LoraSpec(rank=policy_cfg.lora.rank, alpha=policy_cfg.lora.alpha)
+    return FluxKontextPolicy.from_pretrained(policy_cfg.model, with_pipeline=with_pipeline, lora=lora, sampler=sampler)

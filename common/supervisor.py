@@ -215,12 +215,12 @@ class Supervisor:
 
 def prepare(cfg: TopologyConfig, log) -> None:  # noqa: ANN001
     """Build what the topology says may be built locally: the tiny model and the quickstart task set."""
-    if cfg.policy.make_tiny and not (Path(cfg.policy.model) / "model_index.json").exists():
-        from editrl.common.tiny import build_tiny_flux_kontext
+    if cfg.policy.make_tiny:
+        from editrl.common.family import build_tiny
 
         t0 = time.monotonic()
-        build_tiny_flux_kontext(cfg.policy.model, seed=cfg.run.seed)
-        log.info("tiny_model_built", path=cfg.policy.model, seconds=round(time.monotonic() - t0, 1))
+        if build_tiny(cfg.policy, seed=cfg.run.seed):
+            log.info("tiny_model_built", path=cfg.policy.model, seconds=round(time.monotonic() - t0, 1))
     if cfg.data.make_quickstart is not None and not Path(cfg.data.tasks).exists():
         from editrl.common.tasks import make_quickstart_tasks
 

@@ -30,7 +30,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+FAMILIES = ("flow", "ddim", "ar")  # editor families (see editrl.common.family)
+PROTOCOL_VERSION = 2  # 2: family-agnostic RolloutGroup (family, traj, params)
 
 # Safety limits: the single source of truth; tests import these instead of repeating numbers.
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # one raw frame (ZeroMQ MAXMSGSIZE is set to this on every socket)
@@ -109,7 +110,9 @@ class Wait:
 class RolloutGroup:
     """actor → broker: G edits of one (instruction, source image) with what the learner needs to recompute log-probs.
 
-    Per-group conditioning is stored once (``cond``); per-sample tensors carry a leading G axis.
+    Family-agnostic (see :mod:`editrl.common.family`): ``traj`` holds per-sample arrays with a leading G axis
+    (flow/ddim latents, AR tokens, an optional ``unit_mask``), ``log_probs`` the behaviour log-prob of each of the
+    S trained units, ``cond`` the per-group conditioning stored once, ``params`` the plain sampler settings.
     """
 
     request_id: str
@@ -122,15 +125,11 @@ class RolloutGroup:
     task_type: str
     source_png: bytes
     edit_pngs: list[bytes]  # G PNG images
-    latents: np.ndarray  # [G, N+1, L, C] float32: x_0 (noise) ... x_N (final)
-    log_probs: np.ndarray  # [G, N] float32 behaviour log-probs, computed on the stored tensors
-    sigmas: np.ndarray  # [N+1] float32
-    cond: dict[str, np.ndarray]  # GroupCondition arrays
-    height: int
-    width: int
-    noise_level: float
-    guidance: float
-    train_steps: int  # steps 0..train_steps-1 are trained on (the last, near-noiseless step is excluded)
+    family: str  # "flow" | "ddim" | "ar": which recompute the learner applies
+    traj: dict[str, np.ndarray]  # per-sample arrays, leading axis G
+    log_probs: np.ndarray  # [G, S] float32 behaviour log-probs of the trained units, computed on the stored tensors
+    cond: dict[str, np.ndarray]  # per-group arrays (conditioning, schedule)
+    params: dict[str, Any]  # plain sampler settings (numbers, strings)
 
 
 @dataclass
@@ -387,7 +386,26 @@ def _decode(frames: list[bytes] | list[Any]) -> Any:
             raise WireError("bad_id", f"{cls.__name__}.{name}: must be 1..{MAX_ID_BYTES} bytes")
     if len(used) != len(raw) - 1:
         raise WireError("frame_count", f"{len(raw) - 1} payload frames, {len(used)} referenced")
-    return cls(**kwargs)
+    msg = cls(**kwargs)
+    if cls is RolloutGroup:
+        _check_group(msg)
+    return msg
+
+
+def _check_group(g: RolloutGroup) -> None:
+    """Shapes that must agree inside a rollout: G edits, [G, S] float32 log-probs, every traj array led by G."""
+    if g.family not in FAMILIES:
+        raise WireError("bad_group", f"family {_short(g.family)} not in {FAMILIES}")
+    n = len(g.edit_pngs)
+    lp = g.log_probs
+    if lp.ndim != 2 or lp.dtype != np.float32 or lp.shape[0] != n or lp.shape[1] < 1:
+        raise WireError("bad_group", f"log_probs must be [G={n}, S>=1] float32, got {list(lp.shape)} {lp.dtype}")
+    for name, value in g.traj.items():
+        if value.ndim == 0 or value.shape[0] != n:
+            raise WireError("bad_group", f"traj.{_short(name)}: leading axis must be G={n}, got {list(value.shape)}")
+    mask = g.traj.get("unit_mask")
+    if mask is not None and mask.shape != lp.shape:
+        raise WireError("bad_group", f"traj.unit_mask must be {list(lp.shape)}, got {list(mask.shape)}")
 
 
 _REPR = reprlib.Repr()

@@ -1,12 +1,12 @@
-"""The learner's loop: ``sample groups → advantages → Flow-GRPO loss per step → optimizer step → maybe publish``.
+"""The learner's loop: ``sample groups → advantages → clipped GRPO loss per unit → optimizer step → maybe publish``.
 
-Each torchrun rank requests its own complete groups from the broker. The model is the policy transformer with LoRA
-adapters, sharded with FSDP2 (``fully_shard``; gloo on CPU). Every rank runs the same number of forward/backward
-passes per step (zero-variance groups are still run with zero advantage when world size > 1) so the FSDP
-collectives stay aligned.
+Each torchrun rank requests its own complete groups from the broker. The model is the policy's trained module (a
+flow transformer, a DDIM UNet or an AR decoder; see :mod:`editrl.common.family`) with LoRA adapters, sharded with
+FSDP2 (``fully_shard``; gloo on CPU). Every rank runs the same number of forward/backward passes per step
+(zero-variance groups are still run with zero advantage when world size > 1) so the FSDP collectives stay aligned.
 
-Exactness: the velocity is recomputed with the whole group in ONE forward, in float32, at the stored latents and
-stored sigmas, exactly as the actor batched it, so with unchanged weights the ratio θ/behave is exactly 1.
+Exactness: the family's ``recompute`` runs the whole group in ONE forward per unit chunk, in float32, at the stored
+tensors, exactly as the actor batched it, so with unchanged weights the ratio θ/behave is exactly 1.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from torch.distributed.fsdp import fully_shard
 
 from editrl.common import wire
 from editrl.common.config import TopologyConfig
-from editrl.common.flow import FluxKontextPolicy, GroupCondition, LoraSpec, flow_sde_step, flux_velocity, lora_key
+from editrl.common.family import load_policy
+from editrl.common.flow import lora_key
 from editrl.common.net import BrokerClient, new_id
 from editrl.common.weights import publish_file, sha256_file
 from editrl.learner.loss import clipped_policy_loss, group_advantages
@@ -48,15 +49,13 @@ class Learner:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         lcfg = cfg.learner
         self.groups_per_rank = lcfg.groups_per_step // self.world
-        policy = FluxKontextPolicy.from_pretrained(
-            cfg.policy.model, with_pipeline=False, lora=LoraSpec(rank=cfg.policy.lora.rank, alpha=cfg.policy.lora.alpha)
-        )
-        model = policy.transformer
+        self.policy = load_policy(cfg.policy, with_pipeline=False)
+        model = self.policy.trainable_module()
         model.eval()  # no dropout: the recomputed log-prob must match the actor's
         for name, p in model.named_parameters():
             p.requires_grad_(is_lora_key(name))
         mesh = init_device_mesh("cpu", (self.world,))
-        for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+        for block in self.policy.shard_units():
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         self.model = model
@@ -122,7 +121,7 @@ class Learner:
     def train_step(self, groups: list[wire.RolloutGroup], rewards: list[np.ndarray]) -> dict[str, float]:
         lcfg = self.cfg.learner
         global_std = torch.tensor(float(np.concatenate(rewards).std())) if lcfg.global_std else None
-        n_micro = sum(g.train_steps for g in groups)
+        n_units = sum(g.log_probs.shape[1] for g in groups)
         agg: dict[str, list[float]] = {"loss": [], "clip_frac": [], "approx_kl": [], "ratio_dev_max": []}
         zero_var = 0
         for group, r in zip(groups, rewards, strict=True):
@@ -131,7 +130,7 @@ class Learner:
                 zero_var += 1
                 if self.world == 1:
                     continue  # contributes nothing; multi-rank still runs it to keep collectives aligned
-            for key, value in self.group_loss(group, adv, n_micro).items():
+            for key, value in self.group_loss(group, adv, n_units).items():
                 agg[key].append(value)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, lcfg.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):
@@ -152,23 +151,23 @@ class Learner:
             local[f"learner/{key}"] = float(np.mean(values)) if values else 0.0
         return self._all_reduce_mean(local)
 
-    def group_loss(self, group: wire.RolloutGroup, adv: torch.Tensor, n_micro: int) -> dict[str, float]:
-        """Forward/backward over every trained step of one group (whole group per forward)."""
-        cond = GroupCondition.from_arrays(
-            {k: np.array(v) for k, v in group.cond.items()}, height=group.height, width=group.width
-        )
-        latents = torch.from_numpy(np.array(group.latents))  # [G, N+1, L, C] float32
-        behave = torch.from_numpy(np.array(group.log_probs))  # [G, N]
-        sigmas = torch.from_numpy(np.array(group.sigmas))  # [N+1]
+    def group_loss(self, group: wire.RolloutGroup, adv: torch.Tensor, n_units: int) -> dict[str, float]:
+        """Forward/backward over every trained unit of one group, chunk by chunk as the family recomputes them.
+
+        Each chunk's loss is the mean over its counted units; it is weighted by ``k / n_units`` (k units in the chunk,
+        ``n_units`` in the whole batch), so every unit of the step weighs the same.
+        """
+        behave = torch.from_numpy(np.array(group.log_probs))  # [G, S]
+        mask = group.traj.get("unit_mask")
+        mask_t = torch.from_numpy(np.array(mask, dtype=np.float32)) if mask is not None else None
         out: dict[str, list[float]] = {"loss": [], "clip_frac": [], "approx_kl": [], "ratio_dev_max": []}
-        for j in range(group.train_steps):
-            x, x_next = latents[:, j], latents[:, j + 1]
-            v = flux_velocity(self.model, x, float(sigmas[j]), cond, group.guidance)
-            _, log_prob, _, _ = flow_sde_step(
-                x, v, float(sigmas[j]), float(sigmas[j + 1]), group.noise_level, prev_sample=x_next
+        for start, log_prob in self.policy.recompute(self.model, group.traj, group.cond, group.params):
+            k = log_prob.shape[1]
+            chunk_mask = mask_t[:, start : start + k] if mask_t is not None else None
+            loss, stats = clipped_policy_loss(
+                log_prob, behave[:, start : start + k], adv, self.cfg.learner.clip_range, chunk_mask
             )
-            loss, stats = clipped_policy_loss(log_prob, behave[:, j], adv, self.cfg.learner.clip_range)
-            (loss / n_micro).backward()
+            (loss * (k / n_units)).backward()
             out["loss"].append(float(loss))
             for key, value in stats.items():
                 out[key].append(float(value))

@@ -21,22 +21,37 @@ def group_advantages(
 
 
 def clipped_policy_loss(
-    log_prob: torch.Tensor, behave_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+    log_prob: torch.Tensor,
+    behave_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clip on the per-step ratio, as Flow-GRPO: ``mean_b max(-A r, -A clamp(r, 1-ε, 1+ε))``.
+    """PPO-clip on the per-unit ratio, as Flow-GRPO: ``mean max(-A r, -A clamp(r, 1-ε, 1+ε))``.
 
-    log_prob: [B] θ log-probs (element-averaged); behave_log_prob: [B] stored by the actor; advantages: [B].
-    Returns the scalar loss and detached stats (clip fraction, approx KL = 0.5·mean(Δ²), max |r-1|).
+    log_prob: [B] or [B, k] θ log-probs of B samples' units (a flow/DDIM step: element-averaged; an AR token: one
+    categorical); behave_log_prob: same shape, stored by the actor; advantages: [B], broadcast over units; mask:
+    optional [B, k] of 0/1, units that count. The loss is the mean over the counted units of all samples (for
+    [B] inputs: the mean over the batch). Returns the scalar loss and detached stats (clip fraction, approx KL =
+    0.5·mean(Δ²), max |r-1|), all over counted units.
     """
+    if log_prob.ndim == 1:
+        log_prob, behave_log_prob = log_prob[:, None], behave_log_prob[:, None]
+        mask = None if mask is None else mask.reshape(-1, 1)
+    weight = torch.ones_like(log_prob) if mask is None else mask.to(log_prob.dtype)
+    count = weight.sum().clamp_min(1.0)
+    adv = advantages.reshape(-1, 1)
     delta = log_prob - behave_log_prob
     ratio = torch.exp(delta)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = (torch.maximum(unclipped, clipped) * weight).sum() / count
     with torch.no_grad():
+        counted = weight > 0
+        deviation = (ratio - 1.0).abs()
         stats = {
-            "clip_frac": ((ratio - 1.0).abs() > clip_range).float().mean(),
-            "approx_kl": 0.5 * (delta**2).mean(),
-            "ratio_dev_max": (ratio - 1.0).abs().max(),
+            "clip_frac": ((deviation > clip_range).to(weight.dtype) * weight).sum() / count,
+            "approx_kl": 0.5 * (delta**2 * weight).sum() / count,
+            "ratio_dev_max": deviation[counted].max() if bool(counted.any()) else deviation.new_zeros(()),
         }
     return loss, stats

@@ -152,6 +152,8 @@ def _is_optional(hint: Any) -> bool:
 
 def _valid(hint: Any, name: str) -> Any:
     origin = typing.get_origin(hint)
+    if name == "family":
+        return "flow"
     if _is_optional(hint):
         return _valid(_inner(hint), name)
     if hint is np.ndarray:
@@ -334,8 +336,10 @@ def _array_cases() -> list[Case]:
 def _non_finite_cases() -> list[Case]:
     out = []
     for bad in (math.nan, math.inf, -math.inf):
-        for t, name in (("RolloutGroup", "noise_level"), ("RolloutGroup", "guidance")):
-            out.append(Case("non_finite", _set_field(t, name, bad), label=f"{t}.{name}={bad}"))
+        for key in ("noise_level", "guidance"):
+            out.append(
+                Case("non_finite", _set_field("RolloutGroup", "params", {key: bad}), label=f"params.{key}={bad}")
+            )
         out.append(Case("non_finite", _set_field("ScoreResult", "overall", [1.0, bad]), label=f"overall={bad}"))
         out.append(Case("non_finite", _set_field("ScoreResult", "sub_scores", [{"a": bad}, {}]), label="sub_scores"))
         for t in ("PublishWeights", *[r for r in REPLY_TYPES if "weights" in _hints(r)]):
@@ -348,7 +352,7 @@ def _non_finite_cases() -> list[Case]:
 def _envelope_cases() -> list[Case]:
     out = []
     meta, payload = _template("LeaseRequest")
-    for proto in (0, 2, -1, 2**32, 2**64 - 1, "1", b"\x01", None, [], {}, [1], 1.5, -1.0, math.nan):
+    for proto in (0, 1, 3, -1, 2**32, 2**64 - 1, "1", b"\x01", None, [], {}, [1], 1.5, -1.0, math.nan):
         out.append(Case("bad_protocol_version", _pack({**meta, "proto": proto}, payload), label=f"proto={proto!r}"))
     for type_name in ("Foo", "", "leaserequest", "LeaseRequest ", " LeaseRequest", "WireError", "__class__",
                       "WeightsInfo", 1, None, [], {}, b"LeaseRequest", True, 1.5, "x" * 5000):  # fmt: skip
@@ -378,14 +382,14 @@ def _frame_cases() -> list[Case]:
     meta, payload = _template("RolloutGroup")
     n = len(payload) + 1
     for idx in (0, n, n + 100, -1, 2**64 - 1, -(2**63), True, False, "1", 1.0, None, [1]):
-        for path in (("source_png", "$b"), ("latents", "$nd"), ("edit_pngs", 1, "$b"), ("cond", "k", "$nd")):
+        for path in (("source_png", "$b"), ("traj", "k", "$nd"), ("edit_pngs", 1, "$b"), ("cond", "k", "$nd")):
             m = copy.deepcopy(meta)
             node = m["fields"]
             for key in path[:-1]:
                 node = node[key]
             node[path[-1]] = idx
             out.append(Case("bad_frame_ref", _pack(m, payload), label=f"{'.'.join(map(str, path))}={idx!r}"))
-    for a, b in (("source_png", "latents"), ("latents", "log_probs"), ("edit_pngs", "source_png")):
+    for a, b in (("source_png", "log_probs"), ("log_probs", "source_png"), ("edit_pngs", "source_png")):
         m = copy.deepcopy(meta)
         ref_a = m["fields"][a][0] if a == "edit_pngs" else m["fields"][a]
         ref_b = m["fields"][b]
@@ -426,6 +430,28 @@ def _map_key_cases() -> list[Case]:
     return out
 
 
+def _group_cases() -> list[Case]:
+    """Well-formed RolloutGroups whose parts disagree: unknown family, log-probs or traj not led by G, a mask of the
+    wrong shape, non-float32 or 1-D log-probs."""
+    out = []
+    g = np.zeros((2, 3), np.float32)
+    for label, over in (
+        ("family=gan", {"family": "gan"}),
+        ("log_probs G=3", {"log_probs": np.zeros((3, 3), np.float32)}),
+        ("log_probs 1-D", {"log_probs": np.zeros(2, np.float32)}),
+        ("log_probs S=0", {"log_probs": np.zeros((2, 0), np.float32)}),
+        ("log_probs float64", {"log_probs": np.zeros((2, 3), np.float64)}),
+        ("traj G=1", {"traj": {"latents": np.zeros((1, 3), np.float32)}}),
+        ("traj scalar", {"traj": {"latents": np.zeros((), np.float32)}}),
+        ("unit_mask shape", {"traj": {"unit_mask": np.ones((2, 4), np.float32)}, "log_probs": g}),
+    ):
+        fields = {name: _valid(hint, name) for name, hint in _hints("RolloutGroup").items()}
+        fields.update(over)
+        frames = [bytes(f) for f in wire.encode(wire.RolloutGroup(**fields))]
+        out.append(Case("bad_group", frames, label=label))
+    return out
+
+
 def _semantic_cases() -> list[Case]:
     """Well-typed messages whose values cannot be accepted (a nested WeightsInfo with missing or mistyped keys): the
     decoder may pass them on, the broker must still reject them (under any reason)."""
@@ -446,9 +472,9 @@ def _ext_cases() -> list[Case]:
         meta, payload = _template("RolloutGroup")
         for where in ("proto", "type", "fields"):
             out.append(Case("ext_type", _pack({**meta, where: RAW}, payload, ext), label=f"ext {code} as {where}"))
-        for name, value in (("task_id", RAW), ("edit_pngs", [RAW, RAW]), ("height", RAW), ("guidance", RAW),
-                            ("latents", {"$nd": RAW, "dtype": "float32", "shape": [2, 3]}),
-                            ("sigmas", {"$nd": 3, "dtype": RAW, "shape": [2, 3]}),
+        for name, value in (("task_id", RAW), ("edit_pngs", [RAW, RAW]), ("family", RAW), ("params", {"guidance": RAW}),
+                            ("traj", {"k": {"$nd": RAW, "dtype": "float32", "shape": [2, 3]}}),
+                            ("log_probs", {"$nd": 3, "dtype": RAW, "shape": [2, 3]}),
                             ("cond", {"k": {"$nd": 5, "dtype": "float32", "shape": [RAW]}})):  # fmt: skip
             out.append(Case("ext_type", _set_field("RolloutGroup", name, value, ext), label=f"ext {code} in {name}"))
         out.append(Case("ext_type", _set_field("PublishWeights", "weights", {**WEIGHTS, "x": [RAW]}, ext),
@@ -471,7 +497,7 @@ def _deep_cases() -> list[Case]:
             for where in ("proto", "type"):
                 out.append(Case("deep_nesting", _pack({**meta, where: RAW}, payload, deep), label=f"{label} {where}"))
             for name, value in (("task_id", RAW), ("edit_pngs", RAW), ("cond", {"k": RAW}),
-                                ("latents", {"$nd": 1, "dtype": RAW, "shape": [2, 3]}),
+                                ("traj", {"k": {"$nd": 1, "dtype": RAW, "shape": [2, 3]}}),
                                 ("log_probs", {"$nd": 2, "dtype": "float32", "shape": RAW})):  # fmt: skip
                 out.append(Case("deep_nesting", _set_field("RolloutGroup", name, value, deep), label=f"{label} {name}"))
             out.append(Case("deep_nesting", _set_field("PublishWeights", "weights", {**WEIGHTS, "x": RAW}, deep),
@@ -545,7 +571,8 @@ def build_corpus(seed: int = SEED, n: int = N_MESSAGES) -> list[Case]:
     rng = random.Random(seed)
     targeted = (
         _wrong_type_cases() + _field_set_cases() + _array_cases() + _non_finite_cases() + _envelope_cases()
-        + _frame_cases() + _map_key_cases() + _semantic_cases() + _ext_cases() + _deep_cases() + _size_cases()
+        + _frame_cases() + _map_key_cases() + _group_cases() + _semantic_cases() + _ext_cases() + _deep_cases()
+        + _size_cases()
     )  # fmt: skip
     for case in targeted:
         case.outcome = ("reject", "zmq_maxmsgsize") if case.throwaway else _classify(case)

@@ -52,9 +52,8 @@ def _group(lease, gid, version=0):
     return wire.RolloutGroup(
         request_id=f"req-{gid}", group_id=gid, lease_id=lease.lease_id, task_id=lease.task_id, actor_id="a0",
         policy_version=version, instruction=lease.instruction, task_type=lease.task_type, source_png=b"src",
-        edit_pngs=[b"e0", b"e1"], latents=np.zeros((2, 3, 4, 2), np.float32), log_probs=np.zeros((2, 2), np.float32),
-        sigmas=np.array([1.0, 0.5, 0.0], np.float32), cond={"c": np.ones(3, np.float32)}, height=8, width=8,
-        noise_level=0.7, guidance=2.5, train_steps=1,
+        edit_pngs=[b"e0", b"e1"], family="flow", traj={"latents": np.zeros((2, 3, 4, 2), np.float32)},
+        log_probs=np.zeros((2, 2), np.float32), cond={"c": np.ones(3, np.float32)}, params={"noise_level": 0.7},
     )  # fmt: skip
 
 

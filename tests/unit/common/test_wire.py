@@ -11,10 +11,10 @@ def _group(**over):
     fields = dict(
         request_id="r1", group_id="g1", lease_id="l1", task_id="t1", actor_id="actor-0", policy_version=3,
         instruction="make it red", task_type="color_alter", source_png=b"\x89PNGsrc", edit_pngs=[b"e0", b"e1"],
-        latents=np.arange(2 * 5 * 4 * 3, dtype=np.float32).reshape(2, 5, 4, 3),
-        log_probs=np.zeros((2, 4), np.float32), sigmas=np.linspace(1, 0, 5, dtype=np.float32),
-        cond={"prompt_embeds": np.ones((7, 8), np.float32)}, height=64, width=64, noise_level=0.7, guidance=2.5,
-        train_steps=3,
+        family="flow", traj={"latents": np.arange(2 * 5 * 4 * 3, dtype=np.float32).reshape(2, 5, 4, 3)},
+        log_probs=np.zeros((2, 4), np.float32),
+        cond={"prompt_embeds": np.ones((7, 8), np.float32), "sigmas": np.linspace(1, 0, 5, dtype=np.float32)},
+        params={"noise_level": 0.7, "guidance": 2.5, "sde_type": "sde", "start": 0, "height": 64, "width": 64},
     )  # fmt: skip
     fields.update(over)
     return wire.RolloutGroup(**fields)
@@ -28,14 +28,15 @@ def test_round_trip_preserves_every_field():
     msg = _group()
     out = wire.decode(_frames(msg))
     assert out.group_id == "g1" and out.policy_version == 3 and out.edit_pngs == [b"e0", b"e1"]
-    np.testing.assert_array_equal(out.latents, msg.latents)
-    assert out.latents.dtype == np.float32 and out.cond["prompt_embeds"].shape == (7, 8)
+    np.testing.assert_array_equal(out.traj["latents"], msg.traj["latents"])
+    assert out.traj["latents"].dtype == np.float32 and out.cond["prompt_embeds"].shape == (7, 8)
+    assert out.family == "flow" and out.params == msg.params
 
 
 def test_record_round_trip():
     frames = wire.encode(_group())
     out = wire.decode(wire.decode_record(wire.encode_record(frames)))
-    assert out.sigmas[0] == 1.0
+    assert out.cond["sigmas"][0] == 1.0
 
 
 def _meta(frames):
@@ -69,15 +70,15 @@ def test_rejects_unknown_and_missing_fields_and_wrong_types():
     with pytest.raises(wire.WireError, match="unknown_field"):
         wire.decode(_with_meta(frames, meta))
     meta = _meta(frames)
-    del meta["fields"]["height"]
+    del meta["fields"]["family"]
     with pytest.raises(wire.WireError, match="missing_field"):
         wire.decode(_with_meta(frames, meta))
     meta = _meta(frames)
-    meta["fields"]["height"] = "64"
+    meta["fields"]["family"] = 64
     with pytest.raises(wire.WireError, match="wrong_type"):
         wire.decode(_with_meta(frames, meta))
     meta = _meta(frames)
-    meta["fields"]["noise_level"] = float("nan")
+    meta["fields"]["params"]["noise_level"] = float("nan")
     with pytest.raises(wire.WireError, match="non_finite"):
         wire.decode(_with_meta(frames, meta))
 
@@ -85,11 +86,11 @@ def test_rejects_unknown_and_missing_fields_and_wrong_types():
 def test_rejects_shape_mismatch_bad_dtype_and_version():
     frames = _frames(_group())
     meta = _meta(frames)
-    meta["fields"]["latents"]["shape"] = [2, 5, 4, 4]
+    meta["fields"]["traj"]["latents"]["shape"] = [2, 5, 4, 4]
     with pytest.raises(wire.WireError, match="shape_mismatch"):
         wire.decode(_with_meta(frames, meta))
     meta = _meta(frames)
-    meta["fields"]["latents"]["dtype"] = "object"
+    meta["fields"]["traj"]["latents"]["dtype"] = "object"
     with pytest.raises(wire.WireError, match="bad_dtype"):
         wire.decode(_with_meta(frames, meta))
     meta = _meta(frames)
@@ -117,6 +118,6 @@ def test_rejects_oversized_frames():
 
 
 def test_unknown_type_rejected():
-    meta = msgpack.packb({"proto": 1, "type": "Pickle", "fields": {}})
+    meta = msgpack.packb({"proto": wire.PROTOCOL_VERSION, "type": "Pickle", "fields": {}})
     with pytest.raises(wire.WireError, match="unknown_type"):
         wire.decode([meta])
