@@ -214,7 +214,7 @@ class GroupCondition:
     @classmethod
     def from_arrays(cls, d: dict[str, np.ndarray], height: int, width: int) -> GroupCondition:
         """Inverse of to_arrays."""
-        kw = {k: torch.from_numpy(np.ascontiguousarray(d[k], dtype=np.float32)) for k in cls._FIELDS}
+        kw = {k: torch.from_numpy(np.array(d[k], dtype=np.float32)) for k in cls._FIELDS}  # a writable copy
         return cls(**kw, height=int(height), width=int(width))
 
     @property

@@ -38,3 +38,12 @@ def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from editrl.common.tiny_vlm import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ip2p_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random InstructPix2Pix pipeline (the ddim family) saved once per session."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from editrl.common.tiny_ip2p import build_tiny_instruct_pix2pix
+
+    return build_tiny_instruct_pix2pix(tmp_path_factory.mktemp("tiny_ip2p"), seed=0)

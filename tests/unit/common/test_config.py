@@ -48,6 +48,16 @@ BASE = {"policy": {"model": "/m"}, "data": {"tasks": "/t.jsonl"}}
         ({"actors": []}, "actors"),
         ({"learner": {"nproc": 2, "groups_per_step": 3}}, "learner.groups_per_step"),
         ({"learner": {"master_port": 70000}}, "learner.master_port"),
+        ({"policy": {"model": "/m", "sampler": {"sde_type": "ode"}}}, "policy.sampler.sde_type"),
+        ({"policy": {"model": "/m", "sampler": {"num_steps": 4, "sde_window": 4}}}, "policy.sampler.sde_window"),
+        (
+            {"policy": {"model": "/m", "sampler": {"num_steps": 6, "sde_window": 2, "sde_window_range": [2, 3]}}},
+            "policy.sampler.sde_window_range",
+        ),
+        ({"policy": {"model": "/m", "sampler": {"sde_window_range": ["a", 3]}}}, "policy.sampler.sde_window_range[0]"),
+        ({"policy": {"model": "/m", "family": "ddim", "sampler": {"eta": 0}}}, "policy.sampler.eta"),
+        ({"policy": {"model": "/m", "family": "ddim", "pipeline": "flux_kontext"}}, "policy.pipeline"),
+        ({"policy": {"model": "/m", "pipeline": "sdxl"}}, "policy.pipeline"),
     ],
 )
 def test_errors_name_the_dotted_path(patch, path):

@@ -180,3 +180,90 @@ def test_offline_roundtrip_in_subprocess(tiny_model_dir: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir)], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+# ----------------------------------------------------------------------------------------------- CPS and window
+
+
+def _np_cps(x, v, sigma, sigma_next, a, prev):
+    """float64 numpy CPS step (flow_grpo sde_type='cps'): returns (log_prob [B], mean, std)."""
+    x, v, prev = (t.double().numpy() for t in (x, v, prev))
+    std = sigma_next * math.sin(a * math.pi / 2)
+    mean = (x - sigma * v) * (1 - sigma_next) + (x + (1 - sigma) * v) * math.sqrt(sigma_next**2 - std**2)
+    return -((prev - mean) ** 2).reshape(x.shape[0], -1).mean(1), mean, std
+
+
+@pytest.mark.parametrize("sigma,sigma_next", [(1.0, 0.9), (0.9, 0.7), (0.5, 0.25), (0.2, 0.0)])
+def test_cps_step_matches_closed_form(sigma: float, sigma_next: float) -> None:
+    from editrl.common.flow import flow_cps_step
+
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(3, 16, 8, generator=g), torch.randn(3, 16, 8, generator=g)
+    prev, lp, mean, std = flow_cps_step(x, v, sigma, sigma_next, 0.8, generator=g)
+    ref_lp, ref_mean, ref_std = _np_cps(x, v, sigma, sigma_next, 0.8, prev)
+    np.testing.assert_allclose(lp.double().numpy(), ref_lp, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(mean.double().numpy(), ref_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std.flatten().double().numpy(), ref_std, rtol=1e-6)
+    _, lp2, _, _ = flow_cps_step(x, v, sigma, sigma_next, 0.8, prev_sample=prev)
+    assert torch.equal(lp, lp2)
+    # a = 0 is the ODE step x + v dt (deterministic, log-prob 0)
+    ode, lp0, _, _ = flow_cps_step(x, v, sigma, sigma_next, 0.0)
+    torch.testing.assert_close(ode, x + v * (sigma_next - sigma), rtol=1e-5, atol=1e-6)
+    assert torch.all(lp0 == 0)
+
+
+def test_sde_window_rule() -> None:
+    import random
+
+    from editrl.common.flow import sde_window
+
+    assert sde_window(6, 0, None, random.Random(0)) == (0, 5)  # no window: every step but the last
+    starts = {sde_window(10, 2, None, random.Random(seed))[0] for seed in range(200)}
+    assert starts == {0, 1, 2, 3}  # randint(0, 10 // 2 - 2)
+    assert all(e - s == 3 for s, e in (sde_window(10, 3, (2, 8), random.Random(i)) for i in range(20)))
+    with pytest.raises(ValueError, match="does not fit"):
+        sde_window(6, 4, (0, 3), random.Random(0))
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        {"sde_type": "sde"},
+        {"sde_type": "cps", "noise_level": 0.8},
+        {"sde_type": "sde", "sde_window": 2},
+        {"sde_type": "cps", "sde_window": 1, "sde_window_range": (1, 3)},
+    ],
+    ids=["sde", "cps", "sde-window", "cps-window"],
+)
+def test_rollout_through_the_wire_recomputes_exactly(tiny_model_dir: Path, sampler: dict) -> None:
+    """sample -> RolloutGroup encode/decode (the stored float32 tensors) -> recompute with the learner's load of the
+    same weights: ratio exactly 1; window bookkeeping: e - s log-probs and e - s + 1 latents stored."""
+    from editrl.common import wire
+    from editrl.common.flow import FlowSampler
+
+    settings = {"num_steps": 4, "noise_level": 0.7, "guidance": 2.5, **sampler}
+    spec = LoraSpec(rank=4, alpha=8)
+    actor = FluxKontextPolicy.from_pretrained(tiny_model_dir, lora=spec, sampler=FlowSampler(**settings))
+    with torch.no_grad():  # non-zero LoRA B: the adapters really act
+        for name, p in actor.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.01)
+    learner = FluxKontextPolicy.from_pretrained(tiny_model_dir, with_pipeline=False, lora=spec)
+    load_lora_state_dict(learner.transformer, lora_state_dict(actor.transformer))
+    source = actor.decode(torch.zeros(1, 16, 16))[0]
+    rollout = actor.sample("make it red", source, 3, torch.Generator().manual_seed(5))
+    size = settings.get("sde_window", 0) or 3  # no window: all 4 steps stochastic, the last not trained
+    assert rollout.log_probs.shape == (3, size) and rollout.traj["latents"].shape[:2] == (3, size + 1)
+    assert len(rollout.images) == 3 and rollout.params["sde_type"] == settings["sde_type"]
+    if sampler.get("sde_window_range"):
+        assert 1 <= rollout.params["start"] <= 3 - size
+    group = wire.RolloutGroup(
+        request_id="r", group_id="g", lease_id="l", task_id="t", actor_id="a", policy_version=0, instruction="i",
+        task_type="color_alter", source_png=b"s", edit_pngs=[b"e"] * 3, family=rollout.family, traj=rollout.traj,
+        log_probs=rollout.log_probs, cond=rollout.cond, params=rollout.params,
+    )  # fmt: skip
+    stored = wire.decode([bytes(f) for f in wire.encode(group)])
+    chunks = list(learner.recompute(learner.transformer, stored.traj, stored.cond, stored.params))
+    assert [u for u, _ in chunks] == list(range(size))
+    recomputed = torch.cat([lp for _, lp in chunks], dim=1)
+    assert torch.equal(recomputed.detach(), torch.from_numpy(np.array(stored.log_probs)))
