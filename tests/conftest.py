@@ -47,3 +47,12 @@ def tiny_ip2p_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from editrl.common.tiny_ip2p import build_tiny_instruct_pix2pix
 
     return build_tiny_instruct_pix2pix(tmp_path_factory.mktemp("tiny_ip2p"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_emu3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Emu3-style token editor (the ar family; text decoder + VQ-VAE) saved once per session."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from editrl.common.tiny_emu3 import build_tiny_emu3
+
+    return build_tiny_emu3(tmp_path_factory.mktemp("tiny_emu3"), seed=0)

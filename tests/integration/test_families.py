@@ -11,8 +11,8 @@ import pytest
 from .conftest import read_jsonl, write_topology
 
 
-def _run(tmp_path, model_dir, tasks, policy: dict, steps: int = 2) -> list[dict]:
-    topo = write_topology(tmp_path, model_dir, tasks, data={"group_size": 4})
+def _run(tmp_path, model_dir, tasks, policy: dict, steps: int = 2, learner: dict | None = None) -> list[dict]:
+    topo = write_topology(tmp_path, model_dir, tasks, data={"group_size": 4}, learner=learner or {})
     import yaml
 
     raw = yaml.safe_load(topo.read_text())
@@ -41,3 +41,10 @@ def test_flux_kontext_with_cps_and_an_sde_window(tmp_path, tiny_model_dir, quick
 def test_instruct_pix2pix_ddim_family(tmp_path, tiny_ip2p_dir, quickstart_tasks):
     sampler = {"eta": 1.0, "guidance": 5.0, "image_guidance": 1.5}
     _run(tmp_path, tiny_ip2p_dir, quickstart_tasks, {"family": "ddim", "sampler": sampler})
+
+
+def test_emu3_style_ar_family(tmp_path, tiny_emu3_dir, quickstart_tasks):
+    """Token-level GRPO: per-token ratios, padding masked; clip 0.2 as usual for token policies."""
+    topo_policy = {"family": "ar", "sampler": {"temperature": 1.0, "top_k": 0}}
+    metrics = _run(tmp_path, tiny_emu3_dir, quickstart_tasks, topo_policy, learner={"clip_range": 0.2})
+    assert all(m["learner/clip_frac"] >= 0 for m in metrics)
