@@ -475,5 +475,5 @@ def load_emu3(policy_cfg: Any, *, with_pipeline: bool) -> Emu3EditPolicy:
     lora = LoraSpec(rank=policy_cfg.lora.rank, alpha=policy_cfg.lora.alpha, target_modules=list(EMU3_LORA_TARGETS))
     return Emu3EditPolicy.from_pretrained(
         policy_cfg.model, with_pipeline=with_pipeline, lora=lora, temperature=s.temperature, top_k=s.top_k,
-        max_new_tokens=s.max_new_tokens or None,
+        max_new_tokens=s.max_new_tokens or None, engine=s.engine,
     )  # fmt: skip

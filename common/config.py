@@ -63,6 +63,7 @@ class SamplerConfig:
     temperature: float = 1.0  # ar: sampling temperature
     top_k: int = 0  # ar: top-k (0 = off)
     max_new_tokens: int = 0  # ar: 0 = the model's image token count
+    engine: str = "transformers"  # ar: token sampler, "transformers" (CPU/GPU) or "vllm" (GPU; lazy import)
 
 
 @dataclass
@@ -254,6 +255,8 @@ def _check(cfg: TopologyConfig) -> None:
         raise ConfigError(
             "policy.sampler.sde_window_range: must be [lo, hi] with lo + sde_window <= hi <= num_steps - 1"
         )
+    if sampler.engine not in ("transformers", "vllm"):
+        raise ConfigError(f"policy.sampler.engine: must be 'transformers' or 'vllm', got {sampler.engine!r}")
     if cfg.policy.family == "ddim" and sampler.eta <= 0:
         raise ConfigError("policy.sampler.eta: must be > 0 (DDIM needs noise for a log-prob)")
     if not cfg.policy.model:
