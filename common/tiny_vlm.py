@@ -12,7 +12,7 @@ Deviation from a real checkpoint: there is no `video_preprocessor_config.json` a
 torch 2.13 cpu) and `Qwen2_5_VLProcessor.save_pretrained` fails without it, so the tokenizer (which carries the chat
 template, as `chat_template.jinja`) and the image processor are saved separately. Without torchvision
 `AutoProcessor.from_pretrained` fails on the video processor for this directory AND for a real Qwen2.5-VL model id
-alike; :func:`editrl.scorer.engines.hf.load_image_text_processor` then assembles the same processor class from
+alike; :func:`editrl.common.hf_processors.load_image_text_processor` then assembles the same processor class from
 `AutoTokenizer` + `AutoImageProcessor`, so the engine takes one code path for both. With torchvision installed,
 `AutoProcessor` would build a default video processor for this directory.
 

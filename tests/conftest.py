@@ -56,3 +56,12 @@ def tiny_emu3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from editrl.common.tiny_emu3 import build_tiny_emu3
 
     return build_tiny_emu3(tmp_path_factory.mktemp("tiny_emu3"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_edit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen-Image-Edit pipeline (flow family, true CFG) saved once per session."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from editrl.common.tiny_qwen_edit import build_tiny_qwen_image_edit
+
+    return build_tiny_qwen_image_edit(tmp_path_factory.mktemp("tiny_qwen_edit"), seed=0)

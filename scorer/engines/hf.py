@@ -4,7 +4,7 @@ Loading (lazy, on the first ``generate``): ``AutoModelForImageTextToText.from_pr
 Qwen2.5-VL checkpoint loads as ``Qwen2_5_VLForConditionalGeneration``) and ``AutoProcessor.from_pretrained(model)``.
 Where torchvision is missing (it cannot be installed beside torch 2.13 cpu) ``AutoProcessor`` fails on the video
 processor; the engine then assembles the same processor class from ``AutoTokenizer`` + ``AutoImageProcessor`` with
-no video processor (:func:`load_image_text_processor`). Images work the same; videos are not supported then.
+no video processor (:func:`editrl.common.hf_processors.load_image_text_processor`). Images work the same; videos are not supported then.
 
 With ``lora`` (a peft adapter directory or id, e.g. EditScore's) the adapter is merged into the weights once, in
 memory (``PeftModel.from_pretrained(...).merge_and_unload()``, as the editscore package's HF path does).
@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from editrl.common.hf_processors import load_image_text_processor
 from editrl.scorer.engines import JudgePrompt, check_sampling, prompt_parts
 
 log = logging.getLogger(__name__)
@@ -43,46 +44,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-
-def load_image_text_processor(model: str) -> Any:
-    """``AutoProcessor.from_pretrained(model)``, or, without torchvision, the same class with no video processor.
-
-    The fallback builds a subclass of the model's processor class whose ``__init__`` takes only
-    ``image_processor``, ``tokenizer`` and ``chat_template`` (``ProcessorMixin`` derives its sub-processors from that
-    signature) and passes ``video_processor=None`` on; the chat template comes from the processor files when present,
-    else from the tokenizer.
-    """
-    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
-
-    try:
-        return AutoProcessor.from_pretrained(model)
-    except ImportError as exc:  # the video processor needs torchvision
-        log.info("AutoProcessor failed (%s); assembling an image-only processor for %s", str(exc).strip()[:80], model)
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
-
-    base = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(model))]
-
-    def __init__(self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None) -> None:
-        base.__init__(
-            self,
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=None,
-            chat_template=chat_template,
-        )
-
-    image_only = type(f"ImageOnly{base.__name__}", (base,), {"__init__": __init__})
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    image_processor = AutoImageProcessor.from_pretrained(model)
-    try:
-        processor_dict, _ = base.get_processor_dict(model)
-        chat_template = processor_dict.get("chat_template")
-    except Exception:  # no processor files: the tokenizer's template is the fallback
-        chat_template = None
-    return image_only(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template or tokenizer.chat_template
-    )
 
 
 def chat_messages(prompt: JudgePrompt) -> list[dict[str, Any]]:

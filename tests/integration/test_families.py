@@ -48,3 +48,9 @@ def test_emu3_style_ar_family(tmp_path, tiny_emu3_dir, quickstart_tasks):
     topo_policy = {"family": "ar", "sampler": {"temperature": 1.0, "top_k": 0}}
     metrics = _run(tmp_path, tiny_emu3_dir, quickstart_tasks, topo_policy, learner={"clip_range": 0.2})
     assert all(m["learner/clip_frac"] >= 0 for m in metrics)
+
+
+def test_qwen_image_edit_flow_adapter(tmp_path, tiny_qwen_edit_dir, quickstart_tasks):
+    """True CFG with both branches + norm rescale, recomputed by the learner; a CPS window for good measure."""
+    sampler = {"guidance": 4.0, "sde_type": "cps", "noise_level": 0.8, "sde_window": 1, "sde_window_range": [0, 2]}
+    _run(tmp_path, tiny_qwen_edit_dir, quickstart_tasks, {"sampler": sampler})
