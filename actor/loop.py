@@ -16,7 +16,7 @@ from editrl.common.flow import load_lora_state_dict
 from editrl.common.images import to_png
 from editrl.common.net import BrokerClient, new_id
 from editrl.common.tasks import MissingImageError, Task, load_source_image
-from editrl.common.weights import load_published
+from editrl.common.weights_stream import WeightsVersionGone, load_weights
 
 
 class Actor:
@@ -84,9 +84,12 @@ class Actor:
         t0 = time.monotonic()
         for attempt in range(attempts):
             try:
-                state = load_published(info)
+                state = load_weights(info)
                 load_lora_state_dict(self.policy.trainable_module(), state)
                 break
+            except WeightsVersionGone as exc:  # superseded while we fetched: the next announcement brings a newer one
+                self.log.warning("weights_version_gone", version=info.version, held=exc.held)
+                return
             except (ValueError, KeyError, OSError) as exc:
                 self.log.warning("weights_load_failed", version=info.version, attempt=attempt, error=str(exc)[:200])
                 time.sleep(0.2 * (attempt + 1))

@@ -120,6 +120,8 @@ class LearnerConfig:
     checkpoint_every: int = 20  # DCP checkpoint every M steps
     max_steps: int = 0  # 0 = run until stopped
     master_port: int = 0  # torchrun's rendezvous port; 0 = a free one, picked again at every learner (re)start
+    weights_transport: str = "file"  # "file" (shared file system) or "stream" (actors pull chunks over ZeroMQ)
+    weights_endpoint: str = "tcp://127.0.0.1:0"  # stream: the learner's weight server (port 0 = a free one)
 
 
 @dataclass
@@ -285,6 +287,15 @@ def _check(cfg: TopologyConfig) -> None:
         raise ConfigError(
             f"learner.master_port: must be 0 (pick a free port) or a TCP port, got {cfg.learner.master_port}"
         )
+    if cfg.learner.weights_transport not in ("file", "stream"):
+        raise ConfigError(
+            f"learner.weights_transport: must be 'file' or 'stream' (nccl: see docs/WEIGHTS.md), "
+            f"got {cfg.learner.weights_transport!r}"
+        )
+    if cfg.learner.weights_transport == "stream" and cfg.security.curve:
+        raise ConfigError("learner.weights_transport: 'stream' with security.curve is not supported yet; use 'file'")
+    if not cfg.learner.weights_endpoint.startswith("tcp://"):
+        raise ConfigError(f"learner.weights_endpoint: expected tcp://HOST:PORT, got {cfg.learner.weights_endpoint!r}")
     if cfg.learner.lr <= 0 or cfg.learner.clip_range <= 0:
         raise ConfigError("learner.lr / learner.clip_range: must be > 0")
 

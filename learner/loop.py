@@ -35,7 +35,8 @@ from editrl.common.config import TopologyConfig
 from editrl.common.family import load_policy
 from editrl.common.flow import lora_key
 from editrl.common.net import BrokerClient, new_id
-from editrl.common.weights import publish_file, sha256_file
+from editrl.common.weights import sha256_file
+from editrl.common.weights_stream import FilePublisher, WeightServer
 from editrl.learner.loss import clipped_policy_loss, group_advantages
 
 
@@ -71,7 +72,12 @@ class Learner:
         )
         self._skip_reused_versions()
         self.writer = None
+        self.publisher: Any = None
         if self.rank == 0:
+            if lcfg.weights_transport == "stream":  # actors pull chunks from this process; no shared file system
+                self.publisher = WeightServer(lcfg.weights_endpoint, log=log)
+            else:
+                self.publisher = FilePublisher(cfg.run_dir / "weights")
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(cfg.run_dir / "tb"))
@@ -190,7 +196,7 @@ class Learner:
         self.version += 1
         if self.rank == 0:
             lora = {lora_key(k): v for k, v in full.items() if is_lora_key(k)}
-            info = publish_file(self.cfg.run_dir / "weights", self.version, lora, kind="lora")
+            info = self.publisher.publish(self.version, lora, kind="lora")
             message = wire.PublishWeights(new_id(), self.step, wire.weights_dict(info))
             while not isinstance(self.client.request(message, should_stop=self.should_stop), wire.Ack):
                 time.sleep(wire.STORAGE_RETRY_S)  # the broker could not record it: admission depends on it
@@ -296,6 +302,8 @@ class Learner:
 
     def close(self) -> None:
         self.client.close()
+        if self.publisher is not None:
+            self.publisher.close()
         if self.writer is not None:
             self.writer.close()
             self.metrics_file.close()

@@ -167,3 +167,22 @@ def test_crash_looping_learner_stops_the_run_and_says_why(tmp_path, tiny_model_d
     assert gave_up and gave_up[0]["name"] == "learner-0"
     assert "address already in use" in gave_up[0]["output_tail"].lower()
     assert not (tmp_path / "run/metrics.jsonl").exists() or not read_jsonl(tmp_path / "run/metrics.jsonl")
+
+
+def test_stream_weight_transport_reaches_actors_without_a_shared_file_system(
+    tmp_path, tiny_model_dir, quickstart_tasks
+):
+    """learner.weights_transport: stream -- actors pull the LoRA over ZeroMQ from the learner; nothing is written under
+    weights/, and every version the actor loaded came from a stream:// uri and verified."""
+    topo = write_topology(tmp_path, tiny_model_dir, quickstart_tasks, learner={"weights_transport": "stream"})
+    proc = subprocess.run([sys.executable, "-m", "editrl.common.cli", "up", str(topo), "--max-steps", "4"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    assert not (run / "weights").exists() or not any((run / "weights").iterdir())
+    published = [e for e in read_jsonl(run / "logs/learner-0.jsonl") if e["event"] == "weights_stream_published"]
+    assert [e["version"] for e in published] == [1, 2, 3, 4]
+    loaded = [e["version"] for e in read_jsonl(run / "logs/actor-0.jsonl") if e["event"] == "weights_loaded"]
+    assert loaded and loaded == sorted(loaded) and max(loaded) >= 2
+    store = ReplayStore(run / "replay.lmdb", capacity=10**6, readonly=True)
+    assert store.get_meta("weights")["uri"].startswith("stream://127.0.0.1:")

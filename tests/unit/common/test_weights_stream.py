@@ -1,0 +1,267 @@
+"""common/weights_stream.py over real ZeroMQ sockets on 127.0.0.1: round trips, chunking, corruption, eviction,
+malformed requests, a stopped server, CURVE, and the uri dispatch of load_weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import time
+
+import msgpack
+import pytest
+import torch
+import zmq
+from safetensors.torch import save as safetensors_save
+
+from editrl.common.security import generate_layout
+from editrl.common.weights import publish_file
+from editrl.common.weights_stream import (
+    MAX_REQUEST_BYTES,
+    MIN_CHUNK_BYTES,
+    FetchStats,
+    FilePublisher,
+    WeightServer,
+    WeightsStreamError,
+    WeightsVersionGone,
+    fetch_stream,
+    load_weights,
+    payload_bytes,
+)
+from editrl.common.wire import WeightsInfo
+
+SMALL_CHUNK = 1024  # bytes: the state dicts below span many chunks
+
+
+def make_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "blocks.0.weight": torch.randn(64, 48, generator=gen),  # [64, 48] float32
+        "blocks.0.bias": torch.randn(48, generator=gen).to(torch.bfloat16),
+        "norm.scale": torch.randn(7, 3, generator=gen).to(torch.bfloat16),
+        "step": torch.tensor(3, dtype=torch.int64),  # 0-dim
+        "empty": torch.zeros(0, 4),
+    }
+
+
+def assert_bit_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for k, w in want.items():
+        g = got[k]
+        assert g.dtype == w.dtype and g.shape == w.shape, k
+        assert torch.equal(g.reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8)), k
+
+
+@pytest.fixture
+def server():
+    srv = WeightServer(chunk_size=SMALL_CHUNK)
+    yield srv
+    srv.close()
+
+
+def test_round_trip_is_bit_equal_and_keeps_dtypes(server, tmp_path):
+    sd = make_state_dict()
+    info = server.publish(1, sd, "full")
+    assert info.version == 1 and info.kind == "full"
+    assert info.uri == server.uri and info.uri.startswith("stream://127.0.0.1:")
+    blob = safetensors_save(sd)
+    assert info.sha256 == hashlib.sha256(blob).hexdigest() and payload_bytes(sd) == len(blob)
+    # the same bytes as the file transport: both announce the same digest for the same weights
+    assert publish_file(tmp_path, 1, sd, "full").sha256 == info.sha256
+    stats = FetchStats()
+    got = fetch_stream(info, timeout_s=2.0, stats=stats)
+    assert_bit_equal(got, sd)
+    assert got["blocks.0.bias"].dtype == torch.bfloat16 and got["blocks.0.weight"].dtype == torch.float32
+    assert stats.bytes == len(blob) and stats.resent_timeout == stats.resent_corrupt == 0
+
+
+def test_multi_chunk_blob_with_small_window(server):
+    sd = {"w": torch.randn(100, 37)}  # ~14.8 KB → 15 chunks of 1 KiB, 3 in flight
+    info = server.publish(1, sd, "full")
+    stats = FetchStats()
+    assert_bit_equal(fetch_stream(info, timeout_s=2.0, window=3, stats=stats), sd)
+    n_chunks = math.ceil(payload_bytes(sd) / SMALL_CHUNK)
+    assert stats.chunks == n_chunks >= 10
+    assert server.counters["weights_stream/chunks_served"] == n_chunks
+
+
+def test_lora_only_payload(server):
+    lora = {"x.lora_A.weight": torch.randn(8, 256), "x.lora_B.weight": torch.zeros(256, 8)}
+    full = {"x.weight": torch.randn(256, 256)}
+    info = server.publish(1, lora, "lora")
+    assert info.kind == "lora"
+    assert_bit_equal(fetch_stream(info, timeout_s=2.0), lora)
+    assert payload_bytes(lora) < 0.07 * payload_bytes(full)  # 2·r·d / d² = 1/16 plus the header
+
+
+def test_corrupted_chunk_is_detected_and_fetched_again(server, monkeypatch):
+    sd = make_state_dict()
+    info = server.publish(1, sd, "full")
+    calls: dict[int, int] = {}
+    real = server._chunk_bytes
+
+    def corrupt_once(blob, index):
+        calls[index] = calls.get(index, 0) + 1
+        data = real(blob, index)
+        if index == 1 and calls[index] == 1:
+            bad = bytearray(data)
+            bad[10] ^= 0xFF
+            return memoryview(bytes(bad))
+        return data
+
+    monkeypatch.setattr(server, "_chunk_bytes", corrupt_once)
+    stats = FetchStats()
+    assert_bit_equal(fetch_stream(info, timeout_s=2.0, stats=stats), sd)
+    assert calls[1] == 2 and stats.resent_corrupt == 1
+
+
+def test_lost_chunk_reply_is_requested_again_after_the_timeout(server, monkeypatch):
+    sd = make_state_dict()
+    info = server.publish(1, sd, "full")
+    real, dropped = server._serve, []
+
+    def drop_chunk_2_once(frames):
+        req = msgpack.unpackb(frames[1])
+        if req.get("index") == 2 and not dropped:
+            dropped.append(req)
+            return  # no reply, as if it was lost
+        real(frames)
+
+    monkeypatch.setattr(server, "_serve", drop_chunk_2_once)
+    stats = FetchStats()
+    assert_bit_equal(fetch_stream(info, timeout_s=0.3, stats=stats), sd)
+    assert dropped and stats.resent_timeout == 1
+
+
+def test_chunk_corrupt_on_every_attempt_gives_up(server, monkeypatch):
+    info = server.publish(1, make_state_dict(), "full")
+    monkeypatch.setattr(server, "_chunk_bytes", lambda blob, index: memoryview(b"\0" * SMALL_CHUNK))
+    with pytest.raises(WeightsStreamError, match="failed its checksum 3 times"):
+        fetch_stream(info, timeout_s=2.0, retries=2)
+
+
+def test_two_versions_fetchable_until_a_third_evicts_the_first(server):
+    sds = {v: make_state_dict(seed=v) for v in (1, 2, 3)}
+    infos = {1: server.publish(1, sds[1], "full"), 2: server.publish(2, sds[2], "full")}
+    for v in (1, 2):
+        assert_bit_equal(fetch_stream(infos[v], timeout_s=2.0), sds[v])
+    infos[3] = server.publish(3, sds[3], "full")
+    assert server.versions() == [2, 3]
+    with pytest.raises(WeightsVersionGone, match=r"v1 are gone .*holds versions \[2, 3\]") as exc:
+        fetch_stream(infos[1], timeout_s=2.0)
+    assert exc.value.held == [2, 3] and exc.value.version == 1
+    for v in (2, 3):
+        assert_bit_equal(fetch_stream(infos[v], timeout_s=2.0), sds[v])
+
+
+def test_unknown_version_and_mismatched_announcement(server):
+    info = server.publish(1, make_state_dict(), "full")
+    with pytest.raises(WeightsVersionGone, match=r"holds versions \[1\]"):
+        fetch_stream(dataclasses.replace(info, version=9), timeout_s=2.0)
+    with pytest.raises(WeightsStreamError, match="the announcement says"):
+        fetch_stream(dataclasses.replace(info, sha256="0" * 64), timeout_s=2.0)
+
+
+def _bad_requests() -> list[list[bytes]]:
+    pack = msgpack.packb
+    return [
+        [os.urandom(64)],
+        [b""],
+        [pack([1, 2, 3])],
+        [pack({"op": "nope", "version": 1})],
+        [pack({"op": 7, "version": 1})],
+        [pack({"op": "meta"})],
+        [pack({"op": "meta", "version": "1"})],
+        [pack({"op": "meta", "version": True})],
+        [pack({"op": "meta", "version": 1.0})],
+        [pack({"op": "meta", "version": 1, "extra": 1})],
+        [pack({"op": "meta", "version": 1, "proto": 99})],
+        [pack({"op": "chunk", "version": 1})],
+        [pack({"op": "chunk", "version": 1, "index": -1})],
+        [pack({"op": "chunk", "version": 1, "index": 10**6})],
+        [pack({"op": "chunk", "version": 1, "index": [0]})],
+        [pack({b"op": b"meta", b"version": 1}, use_bin_type=True)],
+        [pack(msgpack.ExtType(1, b"x"))],
+        [b"\x91" * 2000 + b"\xc0"],  # arrays nested 2000 deep
+        [pack({"op": "meta", "version": 1}), b"extra frame"],
+    ]
+
+
+def test_malformed_requests_are_answered_and_counted(server):
+    info = server.publish(1, make_state_dict(), "full")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.endpoint)
+    try:
+        bad = _bad_requests()
+        for frames in bad:
+            sock.send_multipart(frames)
+            assert sock.poll(2000), f"no reply to {frames!r:.80}"
+            reply = sock.recv_multipart()
+            assert len(reply) == 1
+            msg = msgpack.unpackb(reply[0])
+            assert msg["ok"] is False and msg["error"] and msg["versions"] == [1], (frames, msg)
+        assert server.errors == len(bad) and server.alive
+        # over MAX_REQUEST_BYTES: ZeroMQ drops the peer without a reply; the server goes on serving others
+        sock.send(b"\0" * (MAX_REQUEST_BYTES + 1))
+    finally:
+        sock.close()
+        ctx.term()
+    assert_bit_equal(fetch_stream(info, timeout_s=2.0), make_state_dict())
+    assert server.alive and server.counters["weights_stream/error_unknown_op"] >= 3  # nope, 7, bytes keys
+
+
+def test_stopped_server_times_out_within_the_configured_time():
+    server = WeightServer(chunk_size=SMALL_CHUNK)
+    info = server.publish(1, make_state_dict(), "full")
+    server.close()
+    assert not server.alive
+    timeout_s, retries = 0.2, 2
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="no reply from the weight server tcp://127.0.0.1:"):
+        fetch_stream(info, timeout_s=timeout_s, retries=retries)
+    elapsed = time.monotonic() - t0
+    assert (retries + 1) * timeout_s * 0.9 <= elapsed < (retries + 1) * timeout_s + 1.0
+    with pytest.raises(RuntimeError, match="not running"):
+        server.publish(2, make_state_dict(), "full")
+
+
+def test_curve_round_trip(tmp_path):
+    keys = generate_layout(tmp_path / "keys", ["actor-0"])
+    sd = make_state_dict()
+    with WeightServer(security=keys.broker_config(), chunk_size=SMALL_CHUNK) as server:
+        info = server.publish(1, sd, "lora")
+        assert_bit_equal(fetch_stream(info, security=keys.client_config("actor-0"), timeout_s=2.0), sd)
+
+
+def test_load_weights_dispatches_on_the_uri(server, tmp_path):
+    sd = make_state_dict()
+    stream_info = server.publish(1, sd, "full")
+    file_info = FilePublisher(tmp_path).publish(1, sd, "full")
+    assert file_info.uri == str(tmp_path / "v000001") and file_info.sha256 == stream_info.sha256
+    assert_bit_equal(load_weights(stream_info, timeout_s=2.0), sd)
+    assert_bit_equal(load_weights(file_info), sd)
+    with pytest.raises(ValueError, match="no uri"):
+        load_weights(WeightsInfo(0, "", "", "lora"))
+    with pytest.raises(NotImplementedError, match="nccl"):
+        load_weights(WeightsInfo(1, "nccl://learner:29500", "", "lora"))
+    with pytest.raises(ValueError, match="bad stream uri"):
+        fetch_stream(WeightsInfo(1, "stream://nohost", "", "lora"))
+
+
+def test_arguments_are_validated(server):
+    with pytest.raises(ValueError, match="endpoint must be tcp://"):
+        WeightServer(endpoint="ipc:///tmp/x")
+    with pytest.raises(ValueError, match="chunk_size"):
+        WeightServer(chunk_size=MIN_CHUNK_BYTES - 1)
+    with pytest.raises(ValueError, match="keep"):
+        WeightServer(keep=0)
+    with pytest.raises(ValueError, match="kind"):
+        server.publish(1, make_state_dict(), "half")
+    server.publish(5, make_state_dict(), "full")
+    with pytest.raises(ValueError, match="version must increase"):
+        server.publish(5, make_state_dict(), "full")
+    with pytest.raises(ValueError, match="timeout_s"):
+        fetch_stream(WeightsInfo(5, server.uri, "", "full"), timeout_s=0)
