@@ -112,7 +112,13 @@ class LearnerConfig:
     groups_per_step: int = 4  # B: groups per optimizer step, split across ranks
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    clip_range: float = 1e-4
+    clip_range: float = 1e-4  # PPO clip ε on θ/prox (the lower side, and the upper one unless clip_range_high is set)
+    clip_range_high: float = 0.0  # asymmetric upper ε (DAPO-style); 0 = clip_range
+    iw_cap: float = 5.0  # cap of the detached importance weight prox/behave
+    iw_mode: str = "truncate"  # "truncate": min(w, cap); "mask": units with w > cap contribute nothing
+    prox_bypass: bool = False  # skip the prox recompute (prox = behave) on steps where no group is stale
+    kl_coef: float = 0.0  # k3 KL to the reference policy (LoRA adapters disabled); 0 = off (no reference forward)
+    engine: str = "fsdp2"  # "fsdp2" or "deepspeed" (ZeRO-3)
     adv_clip_max: float = 5.0
     global_std: bool = False  # std over the whole batch (flow_grpo's global_std) instead of per group
     max_grad_norm: float = 1.0
@@ -296,6 +302,14 @@ def _check(cfg: TopologyConfig) -> None:
         raise ConfigError("learner.weights_transport: 'stream' with security.curve is not supported yet; use 'file'")
     if not cfg.learner.weights_endpoint.startswith("tcp://"):
         raise ConfigError(f"learner.weights_endpoint: expected tcp://HOST:PORT, got {cfg.learner.weights_endpoint!r}")
+    if cfg.learner.engine not in ("fsdp2", "deepspeed"):
+        raise ConfigError(f"learner.engine: must be 'fsdp2' or 'deepspeed', got {cfg.learner.engine!r}")
+    if cfg.learner.iw_mode not in ("truncate", "mask"):
+        raise ConfigError(f"learner.iw_mode: must be 'truncate' or 'mask', got {cfg.learner.iw_mode!r}")
+    if not cfg.learner.iw_cap >= 1.0:
+        raise ConfigError(f"learner.iw_cap: must be >= 1 (w = 1 when the group is fresh), got {cfg.learner.iw_cap}")
+    if cfg.learner.clip_range_high < 0 or cfg.learner.kl_coef < 0:
+        raise ConfigError("learner.clip_range_high / learner.kl_coef: must be >= 0")
     if cfg.learner.lr <= 0 or cfg.learner.clip_range <= 0:
         raise ConfigError("learner.lr / learner.clip_range: must be > 0")
 

@@ -1,47 +1,67 @@
-"""The learner's loop: ``sample groups → advantages → clipped GRPO loss per unit → optimizer step → maybe publish``.
+"""The learner's loop: ``sample groups → prox (and ref) log-probs → decoupled GRPO loss per unit → optimizer step →
+maybe publish``.
 
-Each torchrun rank requests its own complete groups from the broker. The model is the policy's trained module (a
-flow transformer, a DDIM UNet or an AR decoder; see :mod:`editrl.common.family`) with LoRA adapters, sharded with
-FSDP2 (``fully_shard``; gloo on CPU). Every rank runs the same number of forward/backward passes per step
-(zero-variance groups are still run with zero advantage when world size > 1) so the FSDP collectives stay aligned.
+Each torchrun rank requests its own complete groups from the broker, none older than η versions (older ones are
+dropped there, counted). The model is the policy's trained module (a flow transformer, a DDIM UNet or an AR decoder;
+see :mod:`editrl.common.family`) with LoRA adapters, sharded by the training engine (FSDP2 or DeepSpeed ZeRO-3, see
+:mod:`editrl.learner.engines`). Every rank runs the same number of forward/backward passes per step (zero-variance
+groups are still run with zero advantage when world size > 1, and the prox bypass is decided for all ranks at once)
+so the collectives stay aligned.
+
+Objective (:mod:`editrl.learner.objective`): at the start of each update the learner recomputes the proximal
+log-probs of every stored unit with its own dtype and batching (no gradient), unless ``learner.prox_bypass`` is on
+and no group of the batch is stale (then prox = behave); the PPO clip is taken on θ/prox and the detached importance
+weight prox/behave is truncated or masked at ``learner.iw_cap``. ``learner.kl_coef > 0`` adds a k3 KL to the
+reference policy (the LoRA adapters disabled).
 
 Exactness: the family's ``recompute`` runs the whole group in ONE forward per unit chunk, in float32, at the stored
-tensors, exactly as the actor batched it, so with unchanged weights the ratio θ/behave is exactly 1.
+tensors, exactly as the actor batched it, so with the actor's weights prox == behave bit for bit
+(``learner/behave_dev_max`` is 0).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import zmq
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 from editrl.common import wire
 from editrl.common.config import TopologyConfig
 from editrl.common.family import load_policy
-from editrl.common.flow import lora_key
 from editrl.common.net import BrokerClient, new_id
-from editrl.common.weights import sha256_file
 from editrl.common.weights_stream import FilePublisher, WeightServer
-from editrl.learner.loss import clipped_policy_loss, group_advantages
+from editrl.learner.engines import DeepSpeedEngine, FSDP2Engine, TrainEngine, is_lora_key
+from editrl.learner.loss import group_advantages
+from editrl.learner.objective import decoupled_loss
+
+STAT_KEYS = (
+    "loss", "clip_frac", "approx_kl", "ratio_dev_max", "iw_mean", "iw_max", "iw_capped_frac", "mismatch_kl",
+    "behave_dev_max", "kl_ref",
+)  # fmt: skip
+_MAX_KEYS = ("ratio_dev_max", "iw_max", "behave_dev_max")
 
 
-def is_lora_key(name: str) -> bool:
-    return "lora_" in name
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """The reference policy: every LoRA layer of ``model`` bypassed for the duration."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 class Learner:
@@ -55,15 +75,14 @@ class Learner:
         model.eval()  # no dropout: the recomputed log-prob must match the actor's
         for name, p in model.named_parameters():
             p.requires_grad_(is_lora_key(name))
-        mesh = init_device_mesh("cpu", (self.world,))
-        for block in self.policy.shard_units():
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=lcfg.lr, betas=(0.9, 0.999), weight_decay=lcfg.weight_decay, eps=1e-8
-        )
+        self.engine: TrainEngine
+        if lcfg.engine == "deepspeed":
+            self.engine = DeepSpeedEngine(model, lcfg.lr, lcfg.weight_decay, lcfg.max_grad_norm)
+        else:
+            self.engine = FSDP2Engine(model, self.policy.shard_units(), lcfg.lr, lcfg.weight_decay)
+        self.model = self.engine.model
+        self.params = self.engine.params
+        self.dropped_stale = 0
         self.step, self.version = 0, 0
         self.ckpt_dir = cfg.run_dir / "checkpoints"
         self._resume()
@@ -119,6 +138,7 @@ class Learner:
                 if should_stop():
                     raise TimeoutError("stopped while waiting for groups")
                 continue
+            self.dropped_stale += reply.dropped_stale
             for record, r in zip(reply.groups, reply.rewards, strict=True):
                 groups.append(wire.decode(wire.decode_record(record)))
                 rewards.append(np.asarray(r, dtype=np.float32))
@@ -128,23 +148,25 @@ class Learner:
         lcfg = self.cfg.learner
         global_std = torch.tensor(float(np.concatenate(rewards).std())) if lcfg.global_std else None
         n_units = sum(g.log_probs.shape[1] for g in groups)
-        agg: dict[str, list[float]] = {"loss": [], "clip_frac": [], "approx_kl": [], "ratio_dev_max": []}
+        staleness = [self.version - g.policy_version for g in groups]
+        bypass = lcfg.prox_bypass and self._all_reduce_max(float(max(staleness))) == 0
+        # at the start of the update, before any gradient step: the proximal (and reference) log-probs
+        prox = [None if bypass else self.log_probs(g) for g in groups]
+        ref = [self.log_probs(g, reference=True) if lcfg.kl_coef > 0 else None for g in groups]
+        agg: dict[str, list[float]] = {key: [] for key in STAT_KEYS}
         zero_var = 0
-        for group, r in zip(groups, rewards, strict=True):
+        for group, r, p, q in zip(groups, rewards, prox, ref, strict=True):
             adv = group_advantages(torch.from_numpy(r), clip=lcfg.adv_clip_max, global_std=global_std)
             if not adv.abs().any():
                 zero_var += 1
                 if self.world == 1:
                     continue  # contributes nothing; multi-rank still runs it to keep collectives aligned
-            for key, value in self.group_loss(group, adv, n_units).items():
+            for key, value in self.group_loss(group, adv, n_units, p, q).items():
                 agg[key].append(value)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, lcfg.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.engine.step(lcfg.max_grad_norm)
         all_r = np.concatenate(rewards)
-        staleness = [self.version - g.policy_version for g in groups]
+        hist = np.bincount(np.clip(staleness, 0, self.cfg.broker.max_staleness + 1),
+                           minlength=self.cfg.broker.max_staleness + 2)  # fmt: skip
         local = {
             "reward/mean": float(all_r.mean()),
             "reward/std": float(all_r.std()),
@@ -152,32 +174,65 @@ class Learner:
             "learner/staleness_max": float(np.max(staleness)),
             "learner/zero_variance_groups": float(zero_var),
             "learner/grad_norm": float(grad_norm),
+            "learner/prox_bypassed": float(bypass),
+            **{f"learner/staleness_{lag}": float(n) for lag, n in enumerate(hist)},
         }
         for key, values in agg.items():
-            local[f"learner/{key}"] = float(np.mean(values)) if values else 0.0
-        return self._all_reduce_mean(local)
+            if values or key != "kl_ref":
+                local[f"learner/{key}"] = (
+                    (max(values) if key in _MAX_KEYS else float(np.mean(values))) if values else 0.0
+                )
+        out = self._all_reduce_mean(local)
+        out["learner/dropped_stale"] = float(self.dropped_stale)
+        return out
 
-    def group_loss(self, group: wire.RolloutGroup, adv: torch.Tensor, n_units: int) -> dict[str, float]:
+    def log_probs(self, group: wire.RolloutGroup, reference: bool = False) -> torch.Tensor:
+        """The current (or, with ``reference``, adapter-free) log-probs of every stored unit, [G, S], no gradient."""
+        context = adapters_disabled(self.model) if reference else contextlib.nullcontext()
+        with torch.no_grad(), context:
+            chunks = [lp for _, lp in self.policy.recompute(self.model, group.traj, group.cond, group.params)]
+        return torch.cat(chunks, dim=1)
+
+    def group_loss(
+        self, group: wire.RolloutGroup, adv: torch.Tensor, n_units: int, prox: torch.Tensor | None,
+        ref: torch.Tensor | None,
+    ) -> dict[str, float]:  # fmt: skip
         """Forward/backward over every trained unit of one group, chunk by chunk as the family recomputes them.
 
         Each chunk's loss is the mean over its counted units; it is weighted by ``k / n_units`` (k units in the chunk,
         ``n_units`` in the whole batch), so every unit of the step weighs the same.
         """
+        lcfg = self.cfg.learner
         behave = torch.from_numpy(np.array(group.log_probs))  # [G, S]
+        prox = behave if prox is None else prox
         mask = group.traj.get("unit_mask")
         mask_t = torch.from_numpy(np.array(mask, dtype=np.float32)) if mask is not None else None
-        out: dict[str, list[float]] = {"loss": [], "clip_frac": [], "approx_kl": [], "ratio_dev_max": []}
+        out: dict[str, list[float]] = {}
         for start, log_prob in self.policy.recompute(self.model, group.traj, group.cond, group.params):
-            k = log_prob.shape[1]
-            chunk_mask = mask_t[:, start : start + k] if mask_t is not None else None
-            loss, stats = clipped_policy_loss(
-                log_prob, behave[:, start : start + k], adv, self.cfg.learner.clip_range, chunk_mask
-            )
-            (loss * (k / n_units)).backward()
-            out["loss"].append(float(loss))
+            cols = slice(start, start + log_prob.shape[1])
+            chunk_mask = mask_t[:, cols] if mask_t is not None else None
+            loss, stats = decoupled_loss(
+                log_prob, prox[:, cols], behave[:, cols], adv,
+                clip_low=lcfg.clip_range, clip_high=lcfg.clip_range_high or lcfg.clip_range, iw_cap=lcfg.iw_cap,
+                iw_mode=lcfg.iw_mode, mask=chunk_mask, ref_log_prob=None if ref is None else ref[:, cols],
+                kl_coef=lcfg.kl_coef,
+            )  # fmt: skip
+            self.engine.backward(loss * (log_prob.shape[1] / n_units))
+            deviation = (torch.exp(prox[:, cols] - behave[:, cols]) - 1.0).abs()
+            if chunk_mask is not None:
+                deviation = deviation * chunk_mask
+            stats["behave_dev_max"] = deviation.max()
+            out.setdefault("loss", []).append(float(loss))
             for key, value in stats.items():
-                out[key].append(float(value))
-        return {k: float(np.mean(v)) if k != "ratio_dev_max" else float(np.max(v)) for k, v in out.items()}
+                out.setdefault(key, []).append(float(value))
+        return {k: max(v) if k in _MAX_KEYS else float(np.mean(v)) for k, v in out.items()}
+
+    def _all_reduce_max(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
 
     def _all_reduce_mean(self, stats: dict[str, float]) -> dict[str, float]:
         if self.world == 1:
@@ -190,12 +245,11 @@ class Learner:
     # -- weights and checkpoints -------------------------------------------------------------------------------
 
     def publish(self) -> None:
-        """Gather the LoRA weights on rank 0 (collective), write them, announce them through the broker."""
+        """Gather the LoRA weights on rank 0 (collective), publish them, announce them through the broker."""
         t0 = time.monotonic()
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        lora = self.engine.lora_state_dict()
         self.version += 1
         if self.rank == 0:
-            lora = {lora_key(k): v for k, v in full.items() if is_lora_key(k)}
             info = self.publisher.publish(self.version, lora, kind="lora")
             message = wire.PublishWeights(new_id(), self.step, wire.weights_dict(info))
             while not isinstance(self.client.request(message, should_stop=self.should_stop), wire.Ack):
@@ -204,25 +258,24 @@ class Learner:
         dist.barrier()
 
     def checkpoint(self) -> None:
-        """DCP checkpoint of the trainable parameters, optimizer, step and version (all ranks)."""
+        """Checkpoint of the trainable parameters, optimizer, step and version (all ranks)."""
         path = self.ckpt_dir / f"step_{self.step:06d}"
-        opts = StateDictOptions(ignore_frozen_params=True)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        files = self.engine.save(path)
         norm = self.trainable_norm()
         if self.rank == 0:
             meta = {
                 "step": self.step,
                 "version": self.version,
                 "path": str(path),
+                "engine": self.cfg.learner.engine,
                 "param_norm": norm,
-                # DCP's .metadata is a pickle: its checksum lets the resume refuse a file this learner did not write
-                "metadata_sha256": sha256_file(path / ".metadata"),
+                # the checkpoint formats contain pickles: their checksums let the resume refuse files it did not write
+                "checksums": files,
             }
             tmp = self.ckpt_dir / "latest.json.tmp"
             tmp.write_text(json.dumps(meta))
             tmp.replace(self.ckpt_dir / "latest.json")
-            self.log.info("checkpoint_saved", **meta)
+            self.log.info("checkpoint_saved", **{k: v for k, v in meta.items() if k != "checksums"})
         dist.barrier()
 
     def _resume(self) -> None:
@@ -230,38 +283,16 @@ class Learner:
         if not latest.exists():
             return
         meta = json.loads(latest.read_text())
-        digest = sha256_file(Path(meta["path"]) / ".metadata")
-        if digest != meta.get("metadata_sha256"):
-            raise RuntimeError(f"checkpoint {meta['path']}: .metadata checksum mismatch; refusing to unpickle it")
-        opts = StateDictOptions(ignore_frozen_params=True)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=meta["path"])
-        # The checkpoint holds only the trainable (LoRA) parameters: load non-strictly, then insist that every
-        # trainable parameter was restored.
-        result = set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optim"],
-            options=StateDictOptions(ignore_frozen_params=True, strict=False),
-        )
-        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        missing = trainable & set(getattr(result, "missing_keys", []))
-        if missing:
-            raise RuntimeError(f"checkpoint {meta['path']} lacks trainable parameters: {sorted(missing)[:5]}")
+        if meta.get("engine", "fsdp2") != self.cfg.learner.engine:
+            raise RuntimeError(f"checkpoint {meta['path']} was written by engine {meta.get('engine')}, not "
+                               f"{self.cfg.learner.engine}")  # fmt: skip
+        self.engine.load(Path(meta["path"]), meta.get("checksums", {}))
         self.step, self.version = int(meta["step"]), int(meta["version"])
         self.log.info("checkpoint_resumed", step=self.step, version=self.version, param_norm=self.trainable_norm())
 
     def trainable_norm(self) -> float:
         """L2 norm of all trainable parameters across shards (collective): a cheap fingerprint for resume checks."""
-        local = sum(
-            float((p.to_local() if hasattr(p, "to_local") else p).detach().double().pow(2).sum()) for p in self.params
-        )
-        t = torch.tensor([local], dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(t)
-        return float(t.sqrt())
+        return self.engine.trainable_norm()
 
     def _skip_reused_versions(self) -> None:
         """After a resume, versions published after the checkpoint by the lost run still exist (actors may run them):

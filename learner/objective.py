@@ -1,0 +1,100 @@
+"""The decoupled off-policy GRPO objective (AReaL's decoupled PPO) for groups sampled by an older policy.
+
+Three log-probs per trained unit (a denoising step or a token):
+
+- ``behave``: stored by the actor with the weights that sampled it (possibly several versions old);
+- ``prox``: the proximal policy, recomputed by the learner at the start of the update with its own dtype and
+  batching (no gradient); the anchor of the trust region;
+- ``θ``: the current forward, with gradients.
+
+Per unit, with ``r = exp(θ - prox)`` and the detached importance weight ``w = exp(prox - behave)``::
+
+    loss_u = w' · max(-A r, -A clamp(r, 1 - ε_low, 1 + ε_high))
+
+where ``w'`` is ``w`` truncated at ``iw_cap`` (``iw_mode="truncate"``: ``min(w, cap)``) or masked beyond it
+(``iw_mode="mask"``: ``w`` if ``w <= cap`` else 0, so such units contribute nothing). The loss is the mean over the
+counted units (the normaliser is the original count, masked units included), the batch of samples and the units.
+With ``prox == behave`` (no lag), ``w = 1`` and this is exactly the plain clipped GRPO loss
+(:func:`editrl.learner.loss.clipped_policy_loss`).
+
+Optional KL to the reference policy (the same model with its LoRA adapters disabled), estimated per unit from the
+log-probs of the sampled units with Schulman's k3 estimator ``k3 = exp(ref - θ) - (ref - θ) - 1`` (non-negative,
+zero with zero gradient when ``θ == ref``), added as ``kl_coef · mean(k3)``. For the flow and DDIM families a unit's
+log-prob is a per-element mean, so this is a KL per latent element, in the same units as the ratio.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IW_MODES = ("truncate", "mask")
+
+
+def k3(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(q || p) from samples of q: ``exp(log_p - log_q) - (log_p - log_q) - 1`` (>= 0)."""
+    d = log_p - log_q
+    return torch.exp(d) - d - 1.0
+
+
+def decoupled_loss(
+    log_prob: torch.Tensor,
+    prox_log_prob: torch.Tensor,
+    behave_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    iw_cap: float = float("inf"),
+    iw_mode: str = "truncate",
+    mask: torch.Tensor | None = None,
+    ref_log_prob: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The decoupled loss of one chunk of units and its detached stats (see the module docstring).
+
+    log_prob, prox_log_prob, behave_log_prob, ref_log_prob: [B, k] (or [B]); advantages: [B]; mask: [B, k] of 0/1.
+    Stats (over counted units): clip_frac, approx_kl (θ vs prox, 0.5·mean Δ²), ratio_dev_max, iw_mean, iw_max,
+    iw_capped_frac (units with w > cap), mismatch_kl (k3 of behave vs prox), kl_ref (k3 of θ vs ref, when given).
+    """
+    if iw_mode not in IW_MODES:
+        raise ValueError(f"iw_mode must be one of {IW_MODES}, got {iw_mode!r}")
+    if log_prob.ndim == 1:
+        log_prob, prox_log_prob, behave_log_prob = log_prob[:, None], prox_log_prob[:, None], behave_log_prob[:, None]
+        ref_log_prob = None if ref_log_prob is None else ref_log_prob[:, None]
+        mask = None if mask is None else mask.reshape(-1, 1)
+    weight = torch.ones_like(log_prob) if mask is None else mask.to(log_prob.dtype)
+    count = weight.sum().clamp_min(1.0)
+    adv = advantages.reshape(-1, 1)
+    prox, behave = prox_log_prob.detach(), behave_log_prob.detach()
+    delta = log_prob - prox
+    ratio = torch.exp(delta)
+    surrogate = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high))
+    iw = torch.exp(prox - behave)
+    capped = iw > iw_cap
+    iw_used = torch.clamp(iw, max=iw_cap) if iw_mode == "truncate" else torch.where(capped, torch.zeros_like(iw), iw)
+    loss = (surrogate * iw_used * weight).sum() / count
+    kl_ref = None
+    if ref_log_prob is not None:
+        kl_ref = k3(ref_log_prob.detach(), log_prob)
+        if kl_coef:
+            loss = loss + kl_coef * (kl_ref * weight).sum() / count
+    with torch.no_grad():
+        counted = weight > 0
+
+        def mean(x: torch.Tensor) -> torch.Tensor:
+            return (x.to(weight.dtype) * weight).sum() / count
+
+        deviation = (ratio - 1.0).abs()
+        outside = (ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high)
+        stats = {
+            "clip_frac": mean(outside),
+            "approx_kl": mean(0.5 * delta**2),
+            "ratio_dev_max": deviation[counted].max() if bool(counted.any()) else deviation.new_zeros(()),
+            "iw_mean": mean(iw),
+            "iw_max": iw[counted].max() if bool(counted.any()) else iw.new_zeros(()),
+            "iw_capped_frac": mean(capped),
+            "mismatch_kl": mean(k3(prox, behave)),
+        }
+        if kl_ref is not None:
+            stats["kl_ref"] = mean(kl_ref)
+    return loss, stats
