@@ -11,8 +11,8 @@ setup:
 	$(PYTHON) -m pip install -q --no-deps "editscore==0.2"  # its prompts only; see the editscore extra in pyproject
 	# DeepSpeed (learner.engine: deepspeed) from its sdist against the installed torch: no build isolation (that would
 	# fetch an unpinned torch), no compiled ops (they are JIT-built on first use on GPUs).
-	@$(PYTHON) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PYTHON) -m pip install -q --no-deps \
-		--no-build-isolation "deepspeed==0.19.8" hjson py-cpuinfo ninja einops
+	@$(PYTHON) -c "import deepspeed" 2>/dev/null || { $(PYTHON) -m pip install -q pydantic hjson py-cpuinfo ninja einops \
+		&& DS_BUILD_OPS=0 $(PYTHON) -m pip install -q --no-deps --no-build-isolation "deepspeed==0.19.8"; }
 
 demo: setup
 	rm -rf runs/quickstart  # a fresh run each time (`editrl up` alone resumes a stopped run)
