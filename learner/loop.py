@@ -21,15 +21,12 @@ tensors, exactly as the actor batched it, so with the actor's weights prox == be
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import torch.distributed as dist
 import zmq
 
@@ -39,29 +36,7 @@ from editrl.common.family import load_policy
 from editrl.common.net import BrokerClient, new_id
 from editrl.common.weights_stream import FilePublisher, WeightServer
 from editrl.learner.engines import DeepSpeedEngine, FSDP2Engine, TrainEngine, is_lora_key
-from editrl.learner.loss import group_advantages
-from editrl.learner.objective import decoupled_loss
-
-STAT_KEYS = (
-    "loss", "clip_frac", "approx_kl", "ratio_dev_max", "iw_mean", "iw_max", "iw_capped_frac", "mismatch_kl",
-    "behave_dev_max", "kl_ref",
-)  # fmt: skip
-_MAX_KEYS = ("ratio_dev_max", "iw_max", "behave_dev_max")
-
-
-@contextlib.contextmanager
-def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
-    """The reference policy: every LoRA layer of ``model`` bypassed for the duration."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
+from editrl.learner.update import Updater
 
 
 class Learner:
@@ -82,6 +57,7 @@ class Learner:
             self.engine = FSDP2Engine(model, self.policy.shard_units(), lcfg.lr, lcfg.weight_decay)
         self.model = self.engine.model
         self.params = self.engine.params
+        self.updater = Updater(cfg, self.policy, self.engine)
         self.dropped_stale = 0
         self.step, self.version = 0, 0
         self.ckpt_dir = cfg.run_dir / "checkpoints"
@@ -145,104 +121,9 @@ class Learner:
         return groups, rewards, wait_s
 
     def train_step(self, groups: list[wire.RolloutGroup], rewards: list[np.ndarray]) -> dict[str, float]:
-        lcfg = self.cfg.learner
-        global_std = torch.tensor(float(np.concatenate(rewards).std())) if lcfg.global_std else None
-        n_units = sum(g.log_probs.shape[1] for g in groups)
-        staleness = [self.version - g.policy_version for g in groups]
-        bypass = lcfg.prox_bypass and self._all_reduce_max(float(max(staleness))) == 0
-        # at the start of the update, before any gradient step: the proximal (and reference) log-probs
-        prox = [None if bypass else self.log_probs(g) for g in groups]
-        ref = [self.log_probs(g, reference=True) if lcfg.kl_coef > 0 else None for g in groups]
-        agg: dict[str, list[float]] = {key: [] for key in STAT_KEYS}
-        zero_var = 0
-        for group, r, p, q in zip(groups, rewards, prox, ref, strict=True):
-            adv = group_advantages(torch.from_numpy(r), clip=lcfg.adv_clip_max, global_std=global_std)
-            if not adv.abs().any():
-                zero_var += 1
-                if self.world == 1:
-                    continue  # contributes nothing; multi-rank still runs it to keep collectives aligned
-            for key, value in self.group_loss(group, adv, n_units, p, q).items():
-                agg[key].append(value)
-        grad_norm = self.engine.step(lcfg.max_grad_norm)
-        all_r = np.concatenate(rewards)
-        hist = np.bincount(np.clip(staleness, 0, self.cfg.broker.max_staleness + 1),
-                           minlength=self.cfg.broker.max_staleness + 2)  # fmt: skip
-        local = {
-            "reward/mean": float(all_r.mean()),
-            "reward/std": float(all_r.std()),
-            "learner/staleness_mean": float(np.mean(staleness)),
-            "learner/staleness_max": float(np.max(staleness)),
-            "learner/zero_variance_groups": float(zero_var),
-            "learner/grad_norm": float(grad_norm),
-            "learner/prox_bypassed": float(bypass),
-            **{f"learner/staleness_{lag}": float(n) for lag, n in enumerate(hist)},
-        }
-        for key, values in agg.items():
-            if values or key != "kl_ref":
-                local[f"learner/{key}"] = (
-                    (max(values) if key in _MAX_KEYS else float(np.mean(values))) if values else 0.0
-                )
-        out = self._all_reduce_mean(local)
-        out["learner/dropped_stale"] = float(self.dropped_stale)
-        return out
-
-    def log_probs(self, group: wire.RolloutGroup, reference: bool = False) -> torch.Tensor:
-        """The current (or, with ``reference``, adapter-free) log-probs of every stored unit, [G, S], no gradient."""
-        context = adapters_disabled(self.model) if reference else contextlib.nullcontext()
-        with torch.no_grad(), context:
-            chunks = [lp for _, lp in self.policy.recompute(self.model, group.traj, group.cond, group.params)]
-        return torch.cat(chunks, dim=1)
-
-    def group_loss(
-        self, group: wire.RolloutGroup, adv: torch.Tensor, n_units: int, prox: torch.Tensor | None,
-        ref: torch.Tensor | None,
-    ) -> dict[str, float]:  # fmt: skip
-        """Forward/backward over every trained unit of one group, chunk by chunk as the family recomputes them.
-
-        Each chunk's loss is the mean over its counted units; it is weighted by ``k / n_units`` (k units in the chunk,
-        ``n_units`` in the whole batch), so every unit of the step weighs the same.
-        """
-        lcfg = self.cfg.learner
-        behave = torch.from_numpy(np.array(group.log_probs))  # [G, S]
-        prox = behave if prox is None else prox
-        mask = group.traj.get("unit_mask")
-        mask_t = torch.from_numpy(np.array(mask, dtype=np.float32)) if mask is not None else None
-        out: dict[str, list[float]] = {}
-        for start, log_prob in self.policy.recompute(self.model, group.traj, group.cond, group.params):
-            cols = slice(start, start + log_prob.shape[1])
-            chunk_mask = mask_t[:, cols] if mask_t is not None else None
-            loss, stats = decoupled_loss(
-                log_prob, prox[:, cols], behave[:, cols], adv,
-                clip_low=lcfg.clip_range, clip_high=lcfg.clip_range_high or lcfg.clip_range, iw_cap=lcfg.iw_cap,
-                iw_mode=lcfg.iw_mode, mask=chunk_mask, ref_log_prob=None if ref is None else ref[:, cols],
-                kl_coef=lcfg.kl_coef,
-            )  # fmt: skip
-            self.engine.backward(loss * (log_prob.shape[1] / n_units))
-            deviation = (torch.exp(prox[:, cols] - behave[:, cols]) - 1.0).abs()
-            if chunk_mask is not None:
-                deviation = deviation * chunk_mask
-            stats["behave_dev_max"] = deviation.max()
-            out.setdefault("loss", []).append(float(loss))
-            for key, value in stats.items():
-                out.setdefault(key, []).append(float(value))
-        return {k: max(v) if k in _MAX_KEYS else float(np.mean(v)) for k, v in out.items()}
-
-    def _all_reduce_max(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
-
-    def _all_reduce_mean(self, stats: dict[str, float]) -> dict[str, float]:
-        if self.world == 1:
-            return stats
-        keys = sorted(stats)
-        t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(t)
-        return {k: float(v) / self.world for k, v in zip(keys, t.tolist(), strict=True)}
-
-    # -- weights and checkpoints -------------------------------------------------------------------------------
+        stats = self.updater.train_step(groups, rewards, self.version)
+        stats["learner/dropped_stale"] = float(self.dropped_stale)
+        return stats
 
     def publish(self) -> None:
         """Gather the LoRA weights on rank 0 (collective), publish them, announce them through the broker."""
