@@ -32,6 +32,10 @@ class Actor:
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + actor_id)
         self.n_groups = 0
         self.wait_s = 0.0
+        self.started = time.monotonic()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(cfg.run_dir / "tb" / self.actor_id))  # actor/idle_ratio, actor/groups_per_s
         self.should_stop: Any = lambda: False
 
     def run(self, should_stop: Any, max_groups: int = 0) -> None:
@@ -60,8 +64,17 @@ class Actor:
                 detail=ack.detail,
                 n_groups=self.n_groups,
                 wait_s=round(self.wait_s, 2),  # cumulative time told to wait (back-pressure from admission control)
+                idle_ratio=round(self.idle_ratio(), 4),
+            )
+            self.writer.add_scalar("actor/idle_ratio", self.idle_ratio(), self.n_groups)
+            self.writer.add_scalar(
+                "actor/groups_per_s", self.n_groups / (time.monotonic() - self.started), self.n_groups
             )
             self.maybe_load_weights(ack.weights)
+
+    def idle_ratio(self) -> float:
+        """Fraction of this actor's life spent told to wait for a lease (admission control: the learner is behind)."""
+        return min(1.0, self.wait_s / max(time.monotonic() - self.started, 1e-9))
 
     def send_group(self, group: wire.RolloutGroup) -> wire.Ack:
         """Send until the broker acknowledges the commit. Resends carry the same ids, so a group is stored once."""
@@ -131,3 +144,4 @@ class Actor:
 
     def close(self) -> None:
         self.client.close()
+        self.writer.close()

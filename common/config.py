@@ -116,7 +116,9 @@ class LearnerConfig:
     clip_range_high: float = 0.0  # asymmetric upper ε (DAPO-style); 0 = clip_range
     iw_cap: float = 5.0  # cap of the detached importance weight prox/behave
     iw_mode: str = "truncate"  # "truncate": min(w, cap); "mask": units with w > cap contribute nothing
-    prox_bypass: bool = False  # skip the prox recompute (prox = behave) on steps where no group is stale
+    prox_bypass: bool = False  # prox = behave (no recompute) on steps where no group is stale
+    prox_recompute: bool = False  # a separate no-grad prox pass even with minibatches: 1 (where it equals θ's value)
+    minibatches: int = 1  # optimizer steps per learner step (each on 1/M of the groups); the PPO clip acts when > 1
     kl_coef: float = 0.0  # k3 KL to the reference policy (LoRA adapters disabled); 0 = off (no reference forward)
     engine: str = "fsdp2"  # "fsdp2" or "deepspeed" (ZeRO-3)
     adv_clip_max: float = 5.0
@@ -287,6 +289,8 @@ def _check(cfg: TopologyConfig) -> None:
         )
     if cfg.learner.groups_per_step % cfg.learner.nproc:
         raise ConfigError("learner.groups_per_step: must be divisible by learner.nproc")
+    if cfg.learner.minibatches < 1 or (cfg.learner.groups_per_step // cfg.learner.nproc) % cfg.learner.minibatches:
+        raise ConfigError("learner.minibatches: must be >= 1 and divide groups_per_step / nproc")
     if not cfg.broker.endpoint.startswith(("tcp://", "ipc://")):
         raise ConfigError(f"broker.endpoint: expected tcp://HOST:PORT or ipc://PATH, got {cfg.broker.endpoint!r}")
     if not 0 <= cfg.learner.master_port <= 65535:

@@ -198,6 +198,12 @@ class Learner:
         for key, value in stats.items():
             if "/" in key:
                 self.writer.add_scalar(key, value, self.step)
+        lags = [lag for lag in range(self.cfg.broker.max_staleness + 2) if f"learner/staleness_{lag}" in stats]
+        counts = [round(stats[f"learner/staleness_{lag}"] * self.world) for lag in lags]  # summed back over ranks
+        if sum(counts):
+            self.writer.add_histogram(
+                "learner/staleness", np.repeat(np.array(lags, dtype=np.float64), counts), self.step
+            )
         self.writer.flush()
         self.metrics_file.write(json.dumps({"step": self.step, "version": self.version, "time": time.time(), **stats}))
         self.metrics_file.write("\n")

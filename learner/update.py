@@ -55,23 +55,30 @@ class Updater:
         averaged over ranks (collective)."""
         lcfg = self.cfg.learner
         global_std = torch.tensor(float(np.concatenate(rewards).std())) if lcfg.global_std else None
-        n_units = sum(g.log_probs.shape[1] for g in groups)
         staleness = [version - g.policy_version for g in groups]
         bypass = lcfg.prox_bypass and self._all_reduce_max(float(max(staleness))) == 0
-        # at the start of the update, before any gradient step: the proximal (and reference) log-probs
-        prox = [None if bypass else self.log_probs(g) for g in groups]
+        # The proximal log-probs are those of the weights at the start of the update. With one optimizer step per
+        # batch (minibatches: 1) that is exactly the θ forward's own value, detached ("forward"): no extra pass.
+        # With several minibatches the weights move between them, so prox is recomputed for every group first.
+        separate = not bypass and (lcfg.minibatches > 1 or lcfg.prox_recompute)
+        prox: list[Any] = ["behave" if bypass else self.log_probs(g) if separate else "forward" for g in groups]
         ref = [self.log_probs(g, reference=True) if lcfg.kl_coef > 0 else None for g in groups]
         agg: dict[str, list[float]] = {key: [] for key in STAT_KEYS}
-        zero_var = 0
-        for group, r, p, q in zip(groups, rewards, prox, ref, strict=True):
-            adv = group_advantages(torch.from_numpy(r), clip=lcfg.adv_clip_max, global_std=global_std)
-            if not adv.abs().any():
-                zero_var += 1
-                if self.world == 1:
-                    continue  # contributes nothing; multi-rank still runs it to keep collectives aligned
-            for key, value in self.group_loss(group, adv, n_units, p, q).items():
-                agg[key].append(value)
-        grad_norm = self.engine.step(lcfg.max_grad_norm)
+        zero_var, norms = 0, []
+        size = len(groups) // lcfg.minibatches
+        for first in range(0, len(groups), size):
+            batch = range(first, first + size)
+            n_units = sum(groups[i].log_probs.shape[1] for i in batch)
+            for i in batch:
+                adv = group_advantages(torch.from_numpy(rewards[i]), clip=lcfg.adv_clip_max, global_std=global_std)
+                if not adv.abs().any():
+                    zero_var += 1
+                    if self.world == 1:
+                        continue  # contributes nothing; multi-rank still runs it to keep collectives aligned
+                for key, value in self.group_loss(groups[i], adv, n_units, prox[i], ref[i]).items():
+                    agg[key].append(value)
+            norms.append(self.engine.step(lcfg.max_grad_norm))
+        grad_norm = float(np.mean(norms))
         all_r = np.concatenate(rewards)
         hist = np.bincount(np.clip(staleness, 0, self.cfg.broker.max_staleness + 1),
                            minlength=self.cfg.broker.max_staleness + 2)  # fmt: skip
@@ -100,7 +107,7 @@ class Updater:
         return torch.cat(chunks, dim=1)
 
     def group_loss(
-        self, group: wire.RolloutGroup, adv: torch.Tensor, n_units: int, prox: torch.Tensor | None,
+        self, group: wire.RolloutGroup, adv: torch.Tensor, n_units: int, prox: torch.Tensor | str,
         ref: torch.Tensor | None,
     ) -> dict[str, float]:  # fmt: skip
         """Forward/backward over every trained unit of one group, chunk by chunk as the family recomputes them.
@@ -110,21 +117,23 @@ class Updater:
         """
         lcfg = self.cfg.learner
         behave = torch.from_numpy(np.array(group.log_probs))  # [G, S]
-        prox = behave if prox is None else prox
+        if isinstance(prox, str):  # "behave": bypassed; "forward": the θ forward's detached value, chunk by chunk
+            prox = behave if prox == "behave" else None
         mask = group.traj.get("unit_mask")
         mask_t = torch.from_numpy(np.array(mask, dtype=np.float32)) if mask is not None else None
         out: dict[str, list[float]] = {}
         for start, log_prob in self.policy.recompute(self.model, group.traj, group.cond, group.params):
             cols = slice(start, start + log_prob.shape[1])
             chunk_mask = mask_t[:, cols] if mask_t is not None else None
+            chunk_prox = log_prob.detach() if prox is None else prox[:, cols]
             loss, stats = decoupled_loss(
-                log_prob, prox[:, cols], behave[:, cols], adv,
+                log_prob, chunk_prox, behave[:, cols], adv,
                 clip_low=lcfg.clip_range, clip_high=lcfg.clip_range_high or lcfg.clip_range, iw_cap=lcfg.iw_cap,
                 iw_mode=lcfg.iw_mode, mask=chunk_mask, ref_log_prob=None if ref is None else ref[:, cols],
                 kl_coef=lcfg.kl_coef,
             )  # fmt: skip
             self.engine.backward(loss * (log_prob.shape[1] / n_units))
-            deviation = (torch.exp(prox[:, cols] - behave[:, cols]) - 1.0).abs()
+            deviation = (torch.exp(chunk_prox - behave[:, cols]) - 1.0).abs()
             if chunk_mask is not None:
                 deviation = deviation * chunk_mask
             stats["behave_dev_max"] = deviation.max()

@@ -54,24 +54,43 @@ def process_group():
         dist.destroy_process_group()
 
 
-def test_two_learner_steps_match_recorded_values(tiny_model_dir, process_group) -> None:
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
+def _updater(tiny_model_dir, **learner):
     cfg = parse_config({
         "policy": {"model": str(tiny_model_dir), "lora": {"rank": 4, "alpha": 8}, "sampler": {"num_steps": 4}},
         "data": {"tasks": "/unused.jsonl"},
-        "learner": {"lr": 3e-3, "clip_range": 1e-3, "iw_cap": 1.5},
+        "learner": {"lr": 3e-3, "clip_range": 1e-3, "iw_cap": 1.5, **learner},
     })  # fmt: skip
-    groups = _groups(load_policy(cfg.policy, with_pipeline=True))
-    rewards = [np.array([1.0, 4.0, 2.0, 8.0], np.float32), np.array([3.0, 3.5, 0.5, 1.0], np.float32)]
     policy = load_policy(cfg.policy, with_pipeline=False)
     for name, p in policy.trainable_module().named_parameters():
         p.requires_grad_(is_lora_key(name))
     engine = FSDP2Engine(policy.trainable_module(), policy.shard_units(), cfg.learner.lr, cfg.learner.weight_decay)
-    updater = Updater(cfg, policy, engine)
-    got = {1: updater.train_step(groups, rewards, version=0), 2: updater.train_step(groups, rewards, version=1)}
+    return cfg, Updater(cfg, policy, engine)
+
+
+REWARDS = [np.array([1.0, 4.0, 2.0, 8.0], np.float32), np.array([3.0, 3.5, 0.5, 1.0], np.float32)]
+
+
+@pytest.mark.parametrize("prox_recompute", [False, True], ids=["prox-from-forward", "prox-separate-pass"])
+def test_two_learner_steps_match_recorded_values(tiny_model_dir, process_group, prox_recompute) -> None:
+    """Also: the prox taken from the θ forward (one optimizer step per batch) equals a separate recompute exactly."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg, updater = _updater(tiny_model_dir, prox_recompute=prox_recompute)
+    groups = _groups(load_policy(cfg.policy, with_pipeline=True))
+    got = {1: updater.train_step(groups, REWARDS, version=0), 2: updater.train_step(groups, REWARDS, version=1)}
     print({step: {k: got[step][k] for k in GOLDEN[step]} for step in got})  # the values to record after a math change
     for step, expected in GOLDEN.items():
         for key, value in expected.items():
             assert got[step][key] == pytest.approx(value, rel=1e-5, abs=1e-10), (step, key)
     assert got[2]["learner/staleness_1"] == 2.0 and got[2]["learner/iw_mean"] != 1.0
+
+
+def test_minibatches_move_the_weights_inside_an_update_so_the_clip_acts(tiny_model_dir, process_group) -> None:
+    """Two optimizer steps per learner step: the second minibatch runs on moved weights against the prox of the
+    start, so θ/prox deviates from 1 (and the tiny clip range clips), unlike with one step per batch."""
+    torch.set_num_threads(1)
+    cfg, updater = _updater(tiny_model_dir, minibatches=2, clip_range=1e-6)
+    groups = _groups(load_policy(cfg.policy, with_pipeline=True))
+    stats = updater.train_step(groups, REWARDS, version=0)
+    assert stats["learner/ratio_dev_max"] > 0 and stats["learner/clip_frac"] > 0
+    assert stats["learner/behave_dev_max"] == 0.0  # prox (start of the update) still equals behave exactly
