@@ -30,6 +30,7 @@ from typing import Any
 import lmdb
 import zmq
 
+from editrl.broker.processes import ProcessTable
 from editrl.broker.scorers import ScorerPool, job_payload
 from editrl.broker.store import ReplayStore, SampleSpec
 from editrl.common import wire
@@ -76,6 +77,14 @@ class LeaseEntry:
     task_index: int
     actor_id: str
     deadline: float
+
+
+def _peer_host(frame: Any) -> str:
+    """The IP a message came from (ZeroMQ's Peer-Address frame property), "" where the transport has none."""
+    try:
+        return str(frame.get("Peer-Address"))
+    except Exception:  # ipc://, inproc://, or a frame without metadata
+        return ""
 
 
 def _group_info(g: wire.RolloutGroup) -> dict[str, Any]:
@@ -135,6 +144,7 @@ class Broker:
         )
         self.gauges: collections.Counter[str] = collections.Counter()  # process-lifetime counters (not durable)
         self.scorers = ScorerPool(store, log, self.gauges, self._send, score_deadline_s)
+        self.processes = ProcessTable()  # for `editrl status`: who talks to us, how often, how idle
         self.durable: dict[str, int] = store.counters()  # the LMDB counters as of the last commit
         self.learner_step: int = store.get_meta("learner_step") or 0  # learner step of the latest published weights
         self.carry = Turn()  # score results and drops whose commit failed: retried next turn
@@ -175,6 +185,7 @@ class Broker:
                     self._reject(identity, exc)
                     continue
                 turn.size += 1
+                self.processes.seen(msg, _peer_host(payload[0]))
                 try:
                     self._classify(identity, msg, turn)
                 except wire.WireError as exc:  # valid framing, invalid content (e.g. a bad weights map)
@@ -205,6 +216,7 @@ class Broker:
                 self.gauges["lease_waits"] += 1
                 reason = "admission" if self.storage_ok else "storage_unavailable"
                 self._send(identity, wire.Wait(msg.request_id, 0.2, reason, self.weights))
+                self.processes.waited(msg, 0.2)
         elif isinstance(msg, wire.ScorerReady | wire.Heartbeat):
             self.scorers.on_worker(identity, msg)
         elif isinstance(msg, wire.PublishWeights):
@@ -212,7 +224,9 @@ class Broker:
         elif isinstance(msg, wire.SkipTask):
             self._on_skip(identity, msg, turn)
         elif isinstance(msg, wire.StatusRequest):
-            self._send(identity, wire.Status(msg.request_id, self.counters(), self.weights))
+            in_flight = {w.worker_id: len(w.jobs) for w in self.scorers.workers.values()}
+            processes = self.processes.snapshot(int(self.weights.get("version", 0)), in_flight)
+            self._send(identity, wire.Status(msg.request_id, self.counters(), self.weights, processes))
         else:
             self._reject(identity, wire.WireError("unexpected_type", type(msg).__name__))
 
@@ -272,6 +286,7 @@ class Broker:
                 self._send(identity, batch)
             else:
                 self._send(identity, wire.Wait(req.request_id, 0.1, "replay_empty", self.weights))
+                self.processes.waited(req, 0.1)
         for grant in grants:
             self._grant_lease(grant)
 

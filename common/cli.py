@@ -4,7 +4,7 @@ editrl up configs/quickstart.yaml [--max-steps N] [--dry-run]   start and superv
 editrl broker|actor|scorer|learner --config topo.yaml [--id N]   run one process of it
 editrl make-tiny DIR [--vlm]                                     build the tiny local FLUX-Kontext (or Qwen2.5-VL judge)
 editrl make-data DIR                                             write the synthetic quickstart task set
-editrl status topo.yaml [--json]                                 the broker's counters and queue depths
+editrl status topo.yaml [--json|--once]                          live table of every process, queues, counters
 """
 
 from __future__ import annotations
@@ -46,9 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     keys = sub.add_parser("keys", help="generate CURVE keys: server pair, client pairs and the allowlist")
     keys.add_argument("dir")
     keys.add_argument("--clients", default="actors,scorers,learner", help="comma-separated client key names")
-    status = sub.add_parser("status", help="ask the broker of a topology for its counters")
+    status = sub.add_parser("status", help="a live table of every process of a running topology (until Ctrl-C)")
     status.add_argument("config")
-    status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "--json", action="store_true", help="one JSON snapshot (processes, counters, weights), then exit"
+    )
+    status.add_argument("--once", action="store_true", help="print the table once and exit")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     args = parser.parse_args(argv)
     commands = {
         "up": _up,
@@ -89,6 +93,13 @@ def _up(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config)
     _check_scorer_backend(cfg)
+    if cfg.run.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            print("editrl: config error: run.wandb: the wandb package is not installed (pip install wandb)",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(2)
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         for child in plan(cfg, cfg.source_path, args.max_steps):
@@ -170,26 +181,39 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    import time
+
     import zmq
 
     from editrl.common import wire
     from editrl.common.net import BrokerClient, new_id
+    from editrl.common.status import local_pids, render_status
 
     cfg = _load(args.config)
     client = BrokerClient(zmq.Context(), cfg.broker.endpoint, "status", timeout_s=3.0, security=cfg.security)
     try:
-        reply, code = _ask_broker(cfg, lambda: client.request(wire.StatusRequest(new_id()), retries=0))
+        while True:
+            reply, code = _ask_broker(cfg, lambda: client.request(wire.StatusRequest(new_id()), retries=0))
+            if reply is None:
+                return code
+            pids = local_pids(cfg.run_dir)
+            if args.json:
+                print(json.dumps({"processes": reply.processes, "counters": reply.counters, "weights": reply.weights,
+                                  "local_pids": pids}))  # fmt: skip
+                return 0
+            table = render_status(reply.processes, reply.counters, reply.weights, pids)
+            if args.once:
+                print(table)
+                return 0
+            print("\033[H\033[J" + table if sys.stdout.isatty() else table + "\n", flush=True)
+            try:
+                time.sleep(args.interval)
+            except KeyboardInterrupt:
+                return 0
+    except KeyboardInterrupt:
+        return 0
     finally:
         client.close()
-    if reply is None:
-        return code
-    if args.json:
-        print(json.dumps({"counters": reply.counters, "weights": reply.weights}))
-    else:
-        for key in sorted(reply.counters):
-            print(f"{key:28s} {reply.counters[key]}")
-        print(f"{'weights':28s} v{reply.weights['version']} {reply.weights['uri']}")
-    return 0
 
 
 if __name__ == "__main__":

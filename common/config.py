@@ -29,6 +29,8 @@ class RunConfig:
     name: str = "editrl"
     dir: str = "runs/editrl"  # logs, TensorBoard, weights, checkpoints, replay (unless set) go below this
     seed: int = 0
+    image_every: int = 10  # learner steps between TensorBoard image grids of the best and worst groups (0 = never)
+    wandb: bool = False  # also log the same scalars and images to Weights & Biases (pip install wandb; WANDB_MODE)
 
 
 @dataclass
@@ -116,9 +118,10 @@ class LearnerConfig:
     clip_range_high: float = 0.0  # asymmetric upper ε (DAPO-style); 0 = clip_range
     iw_cap: float = 5.0  # cap of the detached importance weight prox/behave
     iw_mode: str = "truncate"  # "truncate": min(w, cap); "mask": units with w > cap contribute nothing
+    decoupled: bool = True  # False: plain PPO against the behaviour policy (prox = behave always, no weights)
     prox_bypass: bool = False  # prox = behave (no recompute) on steps where no group is stale
     prox_recompute: bool = False  # a separate no-grad prox pass even with minibatches: 1 (where it equals θ's value)
-    minibatches: int = 1  # optimizer steps per learner step (each on 1/M of the groups); the PPO clip acts when > 1
+    minibatches: int = 2  # optimizer steps per learner step (each on 1/M of the groups); the PPO clip acts when > 1
     kl_coef: float = 0.0  # k3 KL to the reference policy (LoRA adapters disabled); 0 = off (no reference forward)
     engine: str = "fsdp2"  # "fsdp2" or "deepspeed" (ZeRO-3)
     adv_clip_max: float = 5.0

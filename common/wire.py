@@ -266,6 +266,7 @@ class Status:
     request_id: str
     counters: dict[str, int]
     weights: dict[str, Any]
+    processes: list[dict[str, Any]]  # one row per process the broker heard from (see editrl.broker.processes)
 
 
 MESSAGE_TYPES: dict[str, type] = {

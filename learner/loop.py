@@ -67,6 +67,7 @@ class Learner:
         )
         self._skip_reused_versions()
         self.writer = None
+        self.wandb: Any = None
         self.publisher: Any = None
         if self.rank == 0:
             if lcfg.weights_transport == "stream":  # actors pull chunks from this process; no shared file system
@@ -76,6 +77,11 @@ class Learner:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(cfg.run_dir / "tb"))
+            if cfg.run.wandb:  # optional sink with the same keys; offline unless WANDB_MODE/API key say otherwise
+                import wandb
+
+                wandb.init(project="editrl", name=cfg.run.name, dir=str(cfg.run_dir), config={"run": cfg.run.name})
+                self.wandb = wandb
             self.metrics_file = open(cfg.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
         self.first_reward: float | None = None
         self.should_stop: Any = lambda: False
@@ -96,6 +102,8 @@ class Learner:
                 self.checkpoint()
             stats.update(wait_s=wait_s, step_s=time.monotonic() - t0)
             self.report(stats)
+            if self.rank == 0 and self.cfg.run.image_every and self.step % self.cfg.run.image_every == 0:
+                self.log_images(groups, rewards)
 
     def sample_batch(self, should_stop: Any) -> tuple[list[wire.RolloutGroup], list[np.ndarray], float]:
         """This rank's share of complete groups, none older than ``version - η``."""
@@ -198,6 +206,8 @@ class Learner:
         for key, value in stats.items():
             if "/" in key:
                 self.writer.add_scalar(key, value, self.step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in stats.items() if "/" in k}, step=self.step)
         lags = [lag for lag in range(self.cfg.broker.max_staleness + 2) if f"learner/staleness_{lag}" in stats]
         counts = [round(stats[f"learner/staleness_{lag}"] * self.world) for lag in lags]  # summed back over ranks
         if sum(counts):
@@ -211,12 +221,28 @@ class Learner:
         print(
             f"step {self.step:4d} | reward {stats['reward/mean']:.3f} (first {self.first_reward:.3f}) "
             f"| staleness {stats['learner/staleness_mean']:.2f} | {groups_per_s:.2f} groups/s "
-            f"| clip {stats['learner/clip_frac']:.2f} | v{self.version}",
+            f"| iw {stats['learner/iw_mean']:.3f} | clip {stats['learner/clip_frac']:.2f} | v{self.version}",
             flush=True,
         )
         self.log.info(
             "learner_step", step=self.step, version=self.version, **{k: round(v, 5) for k, v in stats.items()}
         )
+
+    def log_images(self, groups: list[wire.RolloutGroup], rewards: list[np.ndarray]) -> None:
+        """TensorBoard (and W&B) image grid of this rank's best and worst group of the step, rewards under the edits."""
+        from editrl.common.images import group_strip, stack_rows
+
+        order = np.argsort([float(np.mean(r)) for r in rewards])
+        rows = []
+        for label, i in (("best", order[-1]), ("worst", order[0])):
+            g = groups[i]
+            rows.append(group_strip(g.source_png, g.edit_pngs, list(rewards[i]), f"{label} {np.mean(rewards[i]):.2f}"))
+        grid = np.asarray(stack_rows(rows))
+        assert self.writer is not None
+        self.writer.add_image("groups/best_and_worst", grid, self.step, dataformats="HWC")
+        self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log({"groups/best_and_worst": self.wandb.Image(grid)}, step=self.step)
 
     def close(self) -> None:
         self.client.close()

@@ -56,7 +56,7 @@ class Updater:
         lcfg = self.cfg.learner
         global_std = torch.tensor(float(np.concatenate(rewards).std())) if lcfg.global_std else None
         staleness = [version - g.policy_version for g in groups]
-        bypass = lcfg.prox_bypass and self._all_reduce_max(float(max(staleness))) == 0
+        bypass = not lcfg.decoupled or (lcfg.prox_bypass and self._all_reduce_max(float(max(staleness))) == 0)
         # The proximal log-probs are those of the weights at the start of the update. With one optimizer step per
         # batch (minibatches: 1) that is exactly the θ forward's own value, detached ("forward"): no extra pass.
         # With several minibatches the weights move between them, so prox is recomputed for every group first.

@@ -7,6 +7,7 @@ reward went up, and checkpoints, TensorBoard and JSON logs were written.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -58,9 +59,18 @@ def test_up_runs_learns_and_loses_nothing(tmp_path, tiny_model_dir, quickstart_t
     first, last = rewards[:20].mean(), rewards[-20:].mean()
     assert last > first + 0.5, f"reward {first:.3f} -> {last:.3f}"
 
-    # Checkpoints, TensorBoard, structured logs.
+    # Checkpoints, TensorBoard (scalars, the best/worst image grid every 10 steps, the actors' idle ratios), logs.
     assert (run / "checkpoints/latest.json").exists()
-    assert any((run / "tb").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
+    tb.Reload()
+    images = tb.Images("groups/best_and_worst")
+    assert [e.step for e in images] == list(range(10, STEPS + 1, 10)) and images[0].width == 96 * 9
+    assert {"reward/mean", "learner/iw_mean", "learner/staleness_0"} <= set(tb.Tags()["scalars"])
+    actor_tb = EventAccumulator(str(run / "tb/actor-0"))
+    actor_tb.Reload()
+    assert "actor/idle_ratio" in actor_tb.Tags()["scalars"]
     assert read_jsonl(run / "logs/broker-0.jsonl")[0]["event"] == "broker_started"
 
 
@@ -139,6 +149,18 @@ def test_ctrl_c_stops_every_process(tmp_path, tiny_model_dir, quickstart_tasks):
     while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.5)
     assert metrics.exists(), "the learner never reported a step"
+    # `editrl status` while it runs: every process has a row, with numbers the broker really saw
+    cli = [sys.executable, "-m", "editrl.common.cli", "status", str(topo)]
+    snapshot = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=60).stdout)
+    rows = {(r["role"], r["id"]): r for r in snapshot["processes"]}
+    assert {("actor", "actor-0"), ("scorer", "scorer-0"), ("learner", "learner-0")} <= set(rows)
+    actor, scorer = rows[("actor", "actor-0")], rows[("scorer", "scorer-0")]
+    assert actor["items"] >= 4 and actor["host"] == "127.0.0.1" and 0 <= actor["lag"] <= 1
+    assert scorer["items"] >= 4 and rows[("learner", "learner-0")]["step"] >= 3
+    assert set(snapshot["local_pids"]) >= {"actor-0", "scorer-0", "broker-0"}
+    table = subprocess.run([*cli, "--once"], capture_output=True, text=True, timeout=60).stdout
+    assert table.splitlines()[0].split()[:4] == ["role", "id", "host", "alive"]
+    assert any(line.startswith("actor") and " yes " in line for line in table.splitlines())
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0
     time.sleep(0.5)

@@ -58,7 +58,7 @@ def _updater(tiny_model_dir, **learner):
     cfg = parse_config({
         "policy": {"model": str(tiny_model_dir), "lora": {"rank": 4, "alpha": 8}, "sampler": {"num_steps": 4}},
         "data": {"tasks": "/unused.jsonl"},
-        "learner": {"lr": 3e-3, "clip_range": 1e-3, "iw_cap": 1.5, **learner},
+        "learner": {"lr": 3e-3, "clip_range": 1e-3, "iw_cap": 1.5, "minibatches": 1, **learner},
     })  # fmt: skip
     policy = load_policy(cfg.policy, with_pipeline=False)
     for name, p in policy.trainable_module().named_parameters():
