@@ -5,6 +5,10 @@ editrl broker|actor|scorer|learner --config topo.yaml [--id N]   run one process
 editrl make-tiny DIR [--vlm]                                     build the tiny local FLUX-Kontext (or Qwen2.5-VL judge)
 editrl make-data DIR                                             write the synthetic quickstart task set
 editrl status topo.yaml [--json|--once]                          live table of every process, queues, counters
+editrl check topo.yaml                                           score a bundled workload through the live pool
+editrl replay ls|stats|show|export RUN                           inspect a replay buffer (read-only, safe while running)
+editrl bon topo.yaml --tasks T.jsonl --n N --out DIR             Best-of-N with the live scorer pool, Best-of-1..N
+editrl eval topo.yaml --tasks T.jsonl --out DIR [--checkpoint W|--images D]   GEdit-style evaluation, per task group
 """
 
 from __future__ import annotations
@@ -53,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     status.add_argument("--once", action="store_true", help="print the table once and exit")
     status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    from editrl.common import bon, evaluate  # standard library only at import: --help stays instant
+
+    bon.register(sub)
+    evaluate.register(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is not None:
+        return args.handler(args)
     commands = {
         "up": _up,
         "make-tiny": _make_tiny,
