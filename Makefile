@@ -13,6 +13,10 @@ setup:
 	# fetch an unpinned torch), no compiled ops (they are JIT-built on first use on GPUs).
 	@$(PYTHON) -c "import deepspeed" 2>/dev/null || { $(PYTHON) -m pip install -q pydantic hjson py-cpuinfo ninja einops \
 		&& DS_BUILD_OPS=0 $(PYTHON) -m pip install -q --no-deps --no-build-isolation "deepspeed==0.19.8"; }
+	# Debian's Chromium for the replay viewer's headless-browser test (skipped only if it cannot be installed)
+	@test -x /usr/bin/chromium || (apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1)) \
+		|| echo "chromium not installed: the viewer browser test will be skipped"
 
 demo: setup
 	rm -rf runs/quickstart  # a fresh run each time (`editrl up` alone resumes a stopped run)

@@ -57,10 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     status.add_argument("--once", action="store_true", help="print the table once and exit")
     status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
-    from editrl.common import bon, evaluate  # standard library only at import: --help stays instant
+    from editrl.common import bon, evaluate, replay_tools  # standard library only at import: --help stays instant
 
     bon.register(sub)
     evaluate.register(sub)
+    replay_tools.register(sub)
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is not None:
         return args.handler(args)
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "status": _status,
         "keys": _keys,
         "check": _check,
+        "replay": replay_tools.run,
     }
     return commands[args.command](args)
 
