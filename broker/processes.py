@@ -66,7 +66,9 @@ class ProcessTable:
                 row.items += 1
             row.step = msg.step
         elif isinstance(msg, wire.PublishWeights):
-            row.version = int(msg.weights.get("version", 0))
+            version = msg.weights.get("version")  # not validated yet here: a bad map is rejected by the broker later
+            if isinstance(version, int) and not isinstance(version, bool):
+                row.version = version
 
     def waited(self, msg: Any, retry_after_s: float) -> None:
         sender = _sender(msg)

@@ -24,7 +24,7 @@ def _run(tmp_path, model_dir, tasks, policy: dict, steps: int = 2, learner: dict
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_jsonl(tmp_path / "run/metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
-    assert metrics[0]["learner/ratio_dev_max"] == 0.0  # the learner reproduced the actor's log-probs exactly
+    assert metrics[0]["learner/behave_dev_max"] == 0.0  # the learner reproduced the actor's log-probs exactly
     assert (tmp_path / f"run/weights/v{steps:06d}/DONE").exists()
     return metrics
 

@@ -96,8 +96,8 @@ def test_two_rank_fsdp2_learner_recomputes_exactly_and_skips_missing_images(tmp_
     run = tmp_path / "run"
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 7))
-    # Step 1 trains on version-0 groups with version-0 weights: FSDP2's recompute equals the actor's log-probs.
-    assert metrics[0]["learner/ratio_dev_max"] == 0.0
+    # Step 1 trains on version-0 groups with version-0 weights: FSDP2's recompute (prox) equals the actor's log-probs.
+    assert metrics[0]["learner/behave_dev_max"] == 0.0
     assert (run / "weights/v000006/DONE").exists()
     skipped = [e for e in read_jsonl(run / "logs/broker-0.jsonl") if e["event"] == "task_skipped"]
     assert skipped, "the task with a missing source image was not reported as skipped"
@@ -221,7 +221,7 @@ def test_deepspeed_zero3_engine_trains_on_two_ranks_and_resumes(tmp_path, tiny_m
     run = tmp_path / "run"
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
-    assert metrics[0]["learner/behave_dev_max"] == 0.0 and metrics[0]["learner/ratio_dev_max"] == 0.0
+    assert metrics[0]["learner/behave_dev_max"] == 0.0  # ZeRO-3's recompute equals the actor's log-probs
     assert (run / "weights/v000002/DONE").exists()
     second = subprocess.run([*cmd, "3"], capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
