@@ -5,15 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import torch
 import zmq
 
 from editrl.common import wire
 from editrl.common.config import TopologyConfig
-from editrl.common.family import load_policy
+from editrl.common.family import load_policy, rollout_message
 from editrl.common.flow import load_lora_state_dict
-from editrl.common.images import to_png
 from editrl.common.net import BrokerClient, new_id
 from editrl.common.tasks import MissingImageError, Task, load_source_image
 from editrl.common.weights_stream import WeightsVersionGone, load_weights
@@ -124,23 +122,10 @@ class Actor:
         with torch.no_grad():
             rollout = self.policy.sample(task.instruction, source, self.cfg.data.group_size, self.generator)
         self.log.debug("group_sampled", task_id=task.task_id, seconds=round(time.monotonic() - t0, 3))
-        return wire.RolloutGroup(
-            request_id=new_id(),
-            group_id=new_id(),
-            lease_id=lease.lease_id,
-            task_id=task.task_id,
-            actor_id=self.actor_id,
-            policy_version=self.version,
-            instruction=task.instruction,
-            task_type=task.task_type,
-            source_png=to_png(source),
-            edit_pngs=[to_png(im) for im in rollout.images],
-            family=rollout.family,
-            traj={k: np.ascontiguousarray(v) for k, v in rollout.traj.items()},
-            log_probs=np.ascontiguousarray(rollout.log_probs, dtype=np.float32),
-            cond={k: np.ascontiguousarray(v) for k, v in rollout.cond.items()},
-            params=dict(rollout.params),
-        )
+        return rollout_message(
+            rollout, source, request_id=new_id(), group_id=new_id(), lease_id=lease.lease_id, task_id=task.task_id,
+            actor_id=self.actor_id, policy_version=self.version, instruction=task.instruction, task_type=task.task_type,
+        )  # fmt: skip
 
     def close(self) -> None:
         self.client.close()

@@ -163,3 +163,33 @@ def build_tiny(policy_cfg: Any, seed: int = 0) -> bool:
     module, function = TINY_BUILDERS[pipeline_of(policy_cfg)]
     getattr(importlib.import_module(module), function)(policy_cfg.model, seed=seed)
     return True
+
+
+def rollout_message(rollout: Rollout, source: Any, **ids: Any) -> Any:
+    """The ``wire.RolloutGroup`` carrying ``rollout``: ``ids`` are request_id, group_id, lease_id, task_id, actor_id,
+    policy_version, instruction and task_type; the source and the edits travel as PNG."""
+    from editrl.common import wire
+    from editrl.common.images import to_png
+
+    return wire.RolloutGroup(
+        **ids,
+        source_png=to_png(source),
+        edit_pngs=[to_png(im) for im in rollout.images],
+        family=rollout.family,
+        traj={k: np.ascontiguousarray(v) for k, v in rollout.traj.items()},
+        log_probs=np.ascontiguousarray(rollout.log_probs, dtype=np.float32),
+        cond={k: np.ascontiguousarray(v) for k, v in rollout.cond.items()},
+        params=dict(rollout.params),
+    )
+
+
+def through_wire(rollout: Rollout, source: Any, policy_version: int = 0) -> Any:
+    """What a learner receives for ``rollout``: its RolloutGroup encoded and decoded (the stored float32/int64 frames);
+    for tests and tools that check recompute exactness."""
+    from editrl.common import wire
+
+    msg = rollout_message(
+        rollout, source, request_id="r", group_id="g", lease_id="l", task_id="t", actor_id="a",
+        policy_version=policy_version, instruction="edit", task_type="edit",
+    )  # fmt: skip
+    return wire.decode([bytes(f) for f in wire.encode(msg)])

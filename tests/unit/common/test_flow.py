@@ -238,7 +238,7 @@ def test_sde_window_rule() -> None:
 def test_rollout_through_the_wire_recomputes_exactly(tiny_model_dir: Path, sampler: dict) -> None:
     """sample -> RolloutGroup encode/decode (the stored float32 tensors) -> recompute with the learner's load of the
     same weights: ratio exactly 1; window bookkeeping: e - s log-probs and e - s + 1 latents stored."""
-    from editrl.common import wire
+    from editrl.common.family import through_wire
     from editrl.common.flow import FlowSampler
 
     settings = {"num_steps": 4, "noise_level": 0.7, "guidance": 2.5, **sampler}
@@ -257,12 +257,7 @@ def test_rollout_through_the_wire_recomputes_exactly(tiny_model_dir: Path, sampl
     assert len(rollout.images) == 3 and rollout.params["sde_type"] == settings["sde_type"]
     if sampler.get("sde_window_range"):
         assert 1 <= rollout.params["start"] <= 3 - size
-    group = wire.RolloutGroup(
-        request_id="r", group_id="g", lease_id="l", task_id="t", actor_id="a", policy_version=0, instruction="i",
-        task_type="color_alter", source_png=b"s", edit_pngs=[b"e"] * 3, family=rollout.family, traj=rollout.traj,
-        log_probs=rollout.log_probs, cond=rollout.cond, params=rollout.params,
-    )  # fmt: skip
-    stored = wire.decode([bytes(f) for f in wire.encode(group)])
+    stored = through_wire(rollout, source)
     chunks = list(learner.recompute(learner.transformer, stored.traj, stored.cond, stored.params))
     assert [u for u, _ in chunks] == list(range(size))
     recomputed = torch.cat([lp for _, lp in chunks], dim=1)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from editrl.common import wire
 from editrl.common.ar import (
     EMU3_LORA_TARGETS,
     Emu3EditPolicy,
@@ -23,9 +22,8 @@ from editrl.common.ar import (
     masked_log_softmax,
     token_log_probs,
 )
-from editrl.common.family import ActorPolicy, LearnerPolicy
+from editrl.common.family import ActorPolicy, LearnerPolicy, through_wire
 from editrl.common.flow import LoraSpec, load_lora_state_dict, lora_state_dict
-from editrl.common.images import to_png
 
 torch.set_num_threads(1)
 
@@ -290,30 +288,8 @@ def test_layout_parse_and_decode_match_emu3(actor: Emu3EditPolicy) -> None:
 # ---------------------------------------------------------------------------------------- (c) ratio exactly 1
 
 
-def _wire_round_trip(rollout, source) -> wire.RolloutGroup:
-    """What the learner receives: the rollout through wire.encode / wire.decode (raw float32 / int64 frames)."""
-    msg = wire.RolloutGroup(
-        request_id="r",
-        group_id="g",
-        lease_id="l",
-        task_id="t",
-        actor_id="a",
-        policy_version=0,
-        instruction="make it red",
-        task_type="color_alter",
-        source_png=to_png(source),
-        edit_pngs=[to_png(im) for im in rollout.images],
-        family=rollout.family,
-        traj=rollout.traj,
-        log_probs=rollout.log_probs,
-        cond=rollout.cond,
-        params=rollout.params,
-    )
-    return wire.decode([bytes(f) for f in wire.encode(msg)])
-
-
 def test_recompute_ratio_is_exactly_one(actor: Emu3EditPolicy, learner: Emu3EditPolicy, rollout, source) -> None:
-    got = _wire_round_trip(rollout, source)
+    got = through_wire(rollout, source)
     assert got.traj["tokens"].dtype == np.int64 and got.cond["prompt_ids"].dtype == np.int64
     stored = torch.from_numpy(np.array(got.log_probs))
     counted = torch.from_numpy(np.array(got.traj["unit_mask"])) > 0
@@ -334,7 +310,7 @@ def test_recompute_ratio_is_exactly_one(actor: Emu3EditPolicy, learner: Emu3Edit
     assert not torch.equal(lp_other.detach()[counted], stored[counted])
     # with temperature and top-k on, the learner still reproduces the behaviour log-probs bit for bit
     tempered = Emu3EditPolicy(actor.emu3, actor.processor, actor.engine, temperature=0.8, top_k=8)
-    out = _wire_round_trip(tempered.sample("make it blue", source, 2, torch.Generator().manual_seed(1)), source)
+    out = through_wire(tempered.sample("make it blue", source, 2, torch.Generator().manual_seed(1)), source)
     assert out.params["top_k"] == 8.0 and out.params["temperature"] == 0.8
     ((_, lp),) = list(learner.recompute(learner.model, out.traj, out.cond, out.params))
     assert torch.equal(lp.detach(), torch.from_numpy(np.array(out.log_probs)))

@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from editrl.common import wire
 from editrl.common.ddim import UNET_LORA_TARGETS, InstructPix2PixPolicy, ddim_step, ip2p_guided_eps
-from editrl.common.family import ActorPolicy, LearnerPolicy
+from editrl.common.family import ActorPolicy, LearnerPolicy, through_wire
 from editrl.common.flow import LoraSpec, load_lora_state_dict, lora_state_dict
-from editrl.common.images import to_png
 
 torch.set_num_threads(1)
 
@@ -203,28 +201,6 @@ def test_tiny_checkpoint_loads_like_a_model_id(tiny_ip2p_dir: Path, actor: Instr
     assert learner.model.mid_block in units
 
 
-def _wire_round_trip(rollout, source) -> wire.RolloutGroup:
-    """What the learner receives: the rollout through wire.encode / wire.decode (raw float32 / int64 frames)."""
-    msg = wire.RolloutGroup(
-        request_id="r",
-        group_id="g",
-        lease_id="l",
-        task_id="t",
-        actor_id="a",
-        policy_version=0,
-        instruction="make it red",
-        task_type="color_alter",
-        source_png=to_png(source),
-        edit_pngs=[to_png(im) for im in rollout.images],
-        family=rollout.family,
-        traj=rollout.traj,
-        log_probs=rollout.log_probs,
-        cond=rollout.cond,
-        params=rollout.params,
-    )
-    return wire.decode([bytes(f) for f in wire.encode(msg)])
-
-
 @pytest.fixture(scope="module")
 def rollout(actor: InstructPix2PixPolicy, source):
     return actor.sample("make it red", source, GROUP, torch.Generator().manual_seed(0))
@@ -252,7 +228,7 @@ def test_sample_layout(actor: InstructPix2PixPolicy, rollout, source) -> None:
 
 
 def test_recompute_ratio_is_exactly_one(tiny_ip2p_dir: Path, actor: InstructPix2PixPolicy, rollout, source) -> None:
-    got = _wire_round_trip(rollout, source)
+    got = through_wire(rollout, source)
     stored = torch.from_numpy(np.array(got.log_probs))
     learner = InstructPix2PixPolicy.from_pretrained(tiny_ip2p_dir, with_pipeline=False, lora=_lora())
     load_lora_state_dict(learner.model, lora_state_dict(actor.model))

@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from editrl.common import wire
-from editrl.common.family import ActorPolicy, LearnerPolicy
+from editrl.common.family import ActorPolicy, LearnerPolicy, through_wire
 from editrl.common.flow import LoraSpec, load_lora_state_dict, lora_state_dict
-from editrl.common.images import to_png
 from editrl.common.qwen_edit import (
     PIPELINE_CONDITION_AREA,
     QWEN_LORA_TARGETS,
@@ -198,32 +196,10 @@ def test_sample_layout(actor: QwenImageEditPolicy, rollout, source) -> None:
     assert np.array_equal(again.log_probs, rollout.log_probs)
 
 
-def _wire_round_trip(rollout, source) -> wire.RolloutGroup:
-    """What the learner receives: the rollout through wire.encode / wire.decode (raw float32 / int64 frames)."""
-    msg = wire.RolloutGroup(
-        request_id="r",
-        group_id="g",
-        lease_id="l",
-        task_id="t",
-        actor_id="a",
-        policy_version=0,
-        instruction=INSTRUCTION,
-        task_type="color_alter",
-        source_png=to_png(source),
-        edit_pngs=[to_png(im) for im in rollout.images],
-        family=rollout.family,
-        traj=rollout.traj,
-        log_probs=rollout.log_probs,
-        cond=rollout.cond,
-        params=rollout.params,
-    )
-    return wire.decode([bytes(f) for f in wire.encode(msg)])
-
-
 def test_recompute_ratio_is_exactly_one(
     actor: QwenImageEditPolicy, learner: QwenImageEditPolicy, rollout, source
 ) -> None:
-    got = _wire_round_trip(rollout, source)
+    got = through_wire(rollout, source)
     stored = torch.from_numpy(np.array(got.log_probs))
     for policy in (actor, learner):
         chunks = list(policy.recompute(policy.model, got.traj, got.cond, got.params))
@@ -251,7 +227,7 @@ def test_cps_with_a_window_recomputes_exactly(learner: QwenImageEditPolicy, sour
     rollout = windowed.sample(INSTRUCTION, source, GROUP, torch.Generator().manual_seed(2))
     assert rollout.log_probs.shape == (GROUP, 1) and rollout.traj["latents"].shape[1] == 2
     assert 1 <= rollout.params["start"] <= NUM_STEPS - 2 and rollout.params["sde_type"] == "cps"
-    got = _wire_round_trip(rollout, source)
+    got = through_wire(rollout, source)
     chunks = list(learner.recompute(learner.model, got.traj, got.cond, got.params))
     assert len(chunks) == 1 and torch.equal(chunks[0][1].detach(), torch.from_numpy(np.array(got.log_probs)))
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from editrl.common import wire
 from editrl.common.config import parse_config
-from editrl.common.family import load_policy
+from editrl.common.family import load_policy, through_wire
 from editrl.learner.engines import FSDP2Engine, is_lora_key
 from editrl.learner.update import Updater
 
@@ -36,12 +36,7 @@ def _groups(actor, n: int = 2) -> list[wire.RolloutGroup]:
     for i in range(n):
         source = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
         r = actor.sample("make it red", source, 4, torch.Generator().manual_seed(i))
-        group = wire.RolloutGroup(
-            request_id=f"r{i}", group_id=f"g{i}", lease_id="l", task_id="t", actor_id="a", policy_version=0,
-            instruction="make it red", task_type="color_alter", source_png=b"s", edit_pngs=[b"e"] * 4,
-            family=r.family, traj=r.traj, log_probs=r.log_probs, cond=r.cond, params=r.params,
-        )  # fmt: skip
-        out.append(wire.decode([bytes(f) for f in wire.encode(group)]))
+        out.append(through_wire(r, source))
     return out
 
 
