@@ -40,7 +40,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from editrl.common.evaluate import (
+from editrl.common.offline import (
     DEFAULT_TIMEOUT_S,
     SUMMARY_FILE,
     Editor,
