@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import math
 import queue
 import reprlib
@@ -50,7 +51,6 @@ import msgpack
 import structlog
 import torch
 import zmq
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from editrl.common import wire
@@ -111,6 +111,51 @@ def payload_bytes(state_dict: dict[str, torch.Tensor]) -> int:
 
 def _serialize(state_dict: dict[str, torch.Tensor]) -> bytes:
     return safetensors_save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def tensors_from_buffer(buf: bytearray) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors blob as zero-copy views of ``buf`` (what ``safetensors.torch.load`` returns,
+    without its copy). The format is a little-endian u64 header length, a JSON header (name -> dtype, shape,
+    data_offsets) and the raw data; every entry is checked against the buffer before a view is made, so a malformed
+    blob raises WeightsStreamError instead of reading out of bounds. No pickle is involved.
+    """
+    view = memoryview(buf)
+    if len(view) < 8:
+        raise WeightsStreamError("safetensors blob shorter than its header length")
+    n = int.from_bytes(view[:8], "little")
+    if not 2 <= n <= len(view) - 8:
+        raise WeightsStreamError(f"safetensors header length {n} does not fit a {len(view)}-byte blob")
+    try:
+        header = json.loads(bytes(view[8 : 8 + n]))
+    except ValueError as exc:
+        raise WeightsStreamError(f"safetensors header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise WeightsStreamError("safetensors header is not a map")
+    start, size = 8 + n, len(view) - 8 - n
+    out: dict[str, torch.Tensor] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (b, e) = _DTYPES[entry["dtype"]], list(entry["shape"]), entry["data_offsets"]
+            count = math.prod(shape)
+            ok = all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(b, int) and isinstance(e, int)
+        except (KeyError, TypeError, ValueError):
+            raise WeightsStreamError(f"safetensors entry {name!r} is malformed") from None
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not ok or not 0 <= b <= e <= size or e - b != count * itemsize:
+            raise WeightsStreamError(f"safetensors entry {name!r}: offsets {b}..{e} do not hold {shape} {dtype}")
+        if count == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+        else:
+            out[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + b).reshape(shape)
+    return out
 
 
 def _sha256(data: Any) -> Any:
@@ -548,7 +593,13 @@ class _Puller:
         if digest != self.info.sha256:
             raise WeightsStreamError(f"weights v{self.info.version} from {self.endpoint}: whole-blob sha256 mismatch")
         self.stats.bytes, self.stats.chunks = meta.size, meta.n_chunks
-        return b"".join(p.buffer for p in parts if p is not None)
+        blob = bytearray(meta.size)  # one copy out of the ZeroMQ frames; the tensors are views of it
+        pos = 0
+        for part in parts:
+            if part is not None:
+                blob[pos : pos + len(part.buffer)] = part.buffer
+                pos += len(part.buffer)
+        return blob
 
     def _fill(self, in_flight: dict[int, float], next_index: int, n_chunks: int, window: int) -> int:
         while len(in_flight) < window and next_index < n_chunks:
@@ -631,7 +682,7 @@ def fetch_stream(
         sock.close(linger=0)
         ctx.term()
     t0 = time.monotonic()
-    tensors = safetensors_load(blob)
+    tensors = tensors_from_buffer(blob)
     stats.load_s = time.monotonic() - t0
     return tensors
 

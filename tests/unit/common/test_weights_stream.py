@@ -265,3 +265,37 @@ def test_arguments_are_validated(server):
         server.publish(5, make_state_dict(), "full")
     with pytest.raises(ValueError, match="timeout_s"):
         fetch_stream(WeightsInfo(5, server.uri, "", "full"), timeout_s=0)
+
+
+def test_zero_copy_parse_equals_safetensors_and_rejects_malformed_blobs() -> None:
+    import json as _json
+
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from editrl.common.weights_stream import WeightsStreamError, tensors_from_buffer
+
+    tensors = {
+        "a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(2, 2).to(torch.bfloat16),
+        "d": torch.zeros(0, 4), "e": torch.tensor(1.5, dtype=torch.float16), "f": torch.tensor([True, False]),
+    }  # fmt: skip
+    blob = st_save(tensors)
+    got, want = tensors_from_buffer(bytearray(blob)), st_load(blob)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
+    n = int.from_bytes(blob[:8], "little")
+    header = _json.loads(blob[8 : 8 + n])
+    bad_offsets = dict(header, a={**header["a"], "data_offsets": [0, 10**9]})
+    bad_shape = dict(header, a={**header["a"], "shape": [4, 5]})
+    bad_dtype = dict(header, a={**header["a"], "dtype": "C64"})
+
+    def with_header(h: dict) -> bytearray:
+        raw = _json.dumps(h).encode()
+        return bytearray(len(raw).to_bytes(8, "little") + raw + blob[8 + n :])
+
+    for broken in (bytearray(blob[:5]), bytearray((10**12).to_bytes(8, "little") + blob[8:]),
+                   bytearray(blob[:8] + b"{" * n + blob[8 + n :]), with_header(bad_offsets),
+                   with_header(bad_shape), with_header(bad_dtype)):  # fmt: skip
+        with pytest.raises(WeightsStreamError):
+            tensors_from_buffer(broken)
