@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 import types
 from pathlib import Path
@@ -30,15 +29,6 @@ torch.set_num_threads(1)
 GROUP = 4
 ROWS = COLS = 8  # a 64x64 source -> 8x8 VQ codes
 STEPS = ROWS * (COLS + 1) + 1  # rows of codes + EOL each, then EOF
-
-
-@pytest.fixture(scope="module")
-def tiny_emu3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Emu3 (model + processor) saved once per module (no download)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from editrl.common.tiny_emu3 import build_tiny_emu3
-
-    return build_tiny_emu3(tmp_path_factory.mktemp("tiny_emu3"), seed=0)
 
 
 def _lora() -> LoraSpec:

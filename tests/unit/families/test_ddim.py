@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -134,15 +133,6 @@ def test_ddim_step_rejects_bad_arguments() -> None:
 
 
 # ------------------------------------------------------------------------------------------- tiny model + policy
-
-
-@pytest.fixture(scope="module")
-def tiny_ip2p_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random InstructPix2Pix pipeline saved once per module (no download)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from editrl.common.tiny_ip2p import build_tiny_instruct_pix2pix
-
-    return build_tiny_instruct_pix2pix(tmp_path_factory.mktemp("tiny_ip2p"), seed=0)
 
 
 def _lora() -> LoraSpec:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +31,9 @@ INSTRUCTION = "make the sky red"
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Qwen-Image-Edit pipeline saved once per module (no download)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return build_tiny_qwen_image_edit(tmp_path_factory.mktemp("tiny_qwen_edit"), seed=0)
+def tiny_dir(tiny_qwen_edit_dir: Path) -> Path:
+    """The session's tiny Qwen-Image-Edit checkpoint (tests/conftest.py)."""
+    return tiny_qwen_edit_dir
 
 
 def _lora() -> LoraSpec:
