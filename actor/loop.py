@@ -14,7 +14,8 @@ from editrl.common.family import load_policy, rollout_message
 from editrl.common.flow import load_lora_state_dict
 from editrl.common.net import BrokerClient, new_id
 from editrl.common.tasks import MissingImageError, Task, load_source_image
-from editrl.common.weights_stream import WeightsVersionGone, load_weights
+from editrl.common.weights_fetch import load_weights
+from editrl.common.weights_stream import WeightsVersionGone
 
 
 class Actor:

@@ -108,7 +108,8 @@ def actor_main() -> int:
 
     torch.set_num_threads(1)
     _quiet_logs()
-    from editrl.common.weights_stream import STREAM_SCHEME, FetchStats, load_weights
+    from editrl.common.weights_fetch import FetchStats, load_weights
+    from editrl.common.weights_stream import STREAM_SCHEME
     from editrl.common.wire import WeightsInfo
 
     print("READY", flush=True)
