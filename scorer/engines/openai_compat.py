@@ -39,6 +39,22 @@ def image_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def openai_messages(prompt: JudgePrompt) -> list[dict[str, Any]]:
+    """OpenAI-style chat messages for one prompt: optional system, then the user content in the prompt's layout
+    (images as ``image_url`` parts with data URLs). Also what vLLM's ``LLM.chat`` takes."""
+    messages: list[dict[str, Any]] = []
+    if prompt.system:
+        messages.append({"role": "system", "content": prompt.system})
+    content = [
+        {"type": "text", "text": part}
+        if isinstance(part, str)
+        else {"type": "image_url", "image_url": {"url": image_data_url(part)}}
+        for part in prompt_parts(prompt)
+    ]
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
 class _NonRetryable(Exception):
     """A failure that repeating the same request will not fix."""
 
@@ -95,19 +111,9 @@ class OpenAIEngine:
 
     def payload(self, prompt: JudgePrompt, seed: int, max_new_tokens: int) -> dict[str, Any]:
         """The chat-completions request body for one prompt."""
-        content = [
-            {"type": "text", "text": part}
-            if isinstance(part, str)
-            else {"type": "image_url", "image_url": {"url": image_data_url(part)}}
-            for part in prompt_parts(prompt)
-        ]
-        messages: list[dict[str, Any]] = []
-        if prompt.system:
-            messages.append({"role": "system", "content": prompt.system})
-        messages.append({"role": "user", "content": content})
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": messages,
+            "messages": openai_messages(prompt),
             "seed": int(seed),
             "max_tokens": int(max_new_tokens),
             "temperature": self.temperature,

@@ -27,27 +27,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from editrl.scorer.engines import JudgePrompt, check_sampling, prompt_parts
-from editrl.scorer.engines.openai_compat import image_data_url
+from editrl.scorer.engines import JudgePrompt, check_sampling
+from editrl.scorer.engines.openai_compat import openai_messages
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "VLLMEngine needs vLLM: pip install editrl[vllm] (GPU machines only)"
-
-
-def vllm_messages(prompt: JudgePrompt) -> list[dict[str, Any]]:
-    """OpenAI-style chat messages for one prompt: optional system, then user content = text followed by its images."""
-    messages: list[dict[str, Any]] = []
-    if prompt.system:
-        messages.append({"role": "system", "content": prompt.system})
-    content = [
-        {"type": "text", "text": part}
-        if isinstance(part, str)
-        else {"type": "image_url", "image_url": {"url": image_data_url(part)}}
-        for part in prompt_parts(prompt)
-    ]
-    messages.append({"role": "user", "content": content})
-    return messages
 
 
 class VLLMEngine:
@@ -159,7 +144,7 @@ class VLLMEngine:
 
             lora = LoRARequest("judge", 1, self.lora)
         outputs = self._llm.chat(
-            [vllm_messages(p) for p in prompts], sampling_params=params, use_tqdm=False, lora_request=lora
+            [openai_messages(p) for p in prompts], sampling_params=params, use_tqdm=False, lora_request=lora
         )
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
