@@ -77,6 +77,13 @@ def check_sampling(temperature: float, top_k: int, max_new_tokens: int | None = 
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
 
 
+def check_request(prompt_ids: list[int], n: int, temperature: float, top_k: int, max_new_tokens: int) -> None:
+    """What every TokenEngine.generate checks first: sampler settings, n >= 1, a non-empty prompt."""
+    check_sampling(temperature, top_k, max_new_tokens)
+    if n < 1 or not prompt_ids:
+        raise ValueError(f"need n >= 1 and a non-empty prompt, got n={n}, {len(prompt_ids)} prompt ids")
+
+
 def masked_log_softmax(
     logits: torch.Tensor, temperature: float, top_k: int, allowed: torch.Tensor | None
 ) -> torch.Tensor:
@@ -168,9 +175,7 @@ class TransformersTokenEngine:
         seed: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """See :class:`TokenEngine`."""
-        check_sampling(temperature, top_k, max_new_tokens)
-        if n < 1 or not prompt_ids:
-            raise ValueError(f"need n >= 1 and a non-empty prompt, got n={n}, {len(prompt_ids)} prompt ids")
+        check_request(prompt_ids, n, temperature, top_k, max_new_tokens)
         device = next(self.model.parameters()).device
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device).unsqueeze(0).expand(n, -1)
         logits, cache = self._step(prompt, None)  # [n, V]

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from editrl.common.ar import check_sampling
+from editrl.common.ar import check_request
 
 __all__ = ["VLLMTokenEngine", "register", "EMU3_ARCHITECTURES", "VLLM_EMU3_MODEL_CLS", "ENTRY_POINT", "INSTALL_HINT"]
 
@@ -137,9 +137,7 @@ class VLLMTokenEngine:
         seed: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """See :class:`editrl.common.ar.TokenEngine`. Raises RuntimeError when vLLM returns the wrong count."""
-        check_sampling(temperature, top_k, max_new_tokens)
-        if n < 1 or not prompt_ids:
-            raise ValueError(f"need n >= 1 and a non-empty prompt, got n={n}, {len(prompt_ids)} prompt ids")
+        check_request(prompt_ids, n, temperature, top_k, max_new_tokens)
         self.load()
         params = self.sampling_params(n, max_new_tokens, temperature, top_k, allowed_ids, seed)
         outputs = self._llm.generate([{"prompt_token_ids": list(prompt_ids)}], sampling_params=params, use_tqdm=False)
