@@ -74,6 +74,9 @@ class PolicyConfig:
     pipeline: str = ""  # flux_kontext | qwen_image_edit | instruct_pix2pix | emu3; "" = read from the checkpoint
     model: str = ""  # a local diffusers directory or a model id
     make_tiny: bool = False  # build a tiny random-weight model at `model` if it does not exist (demo / tests)
+    # float32, or float64 end to end (sampler, stored tensors, recompute, update): the reference-precision path that
+    # makes recorded numbers independent of the CPU's float32 kernels (flux_kontext only; slow, for tests)
+    dtype: str = "float32"
     lora: LoraConfig = field(default_factory=LoraConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
@@ -268,6 +271,8 @@ def _check(cfg: TopologyConfig) -> None:
         raise ConfigError(
             "policy.sampler.sde_window_range: must be [lo, hi] with lo + sde_window <= hi <= num_steps - 1"
         )
+    if cfg.policy.dtype not in ("float32", "float64"):
+        raise ConfigError(f"policy.dtype: must be 'float32' or 'float64', got {cfg.policy.dtype!r}")
     if sampler.engine not in ("transformers", "vllm"):
         raise ConfigError(f"policy.sampler.engine: must be 'transformers' or 'vllm', got {sampler.engine!r}")
     if cfg.policy.family == "ddim" and sampler.eta <= 0:

@@ -14,11 +14,12 @@ broker never looks inside, and the learner's GRPO loss only sees ``[G, k]`` log-
 Contract every family keeps (tested per family as "ratio exactly 1"):
 
 - ``Rollout.log_probs`` is ``[G, S]`` float32: the behaviour log-prob of each of the S *trained units*, computed on
-  the stored (float32) tensors, not on in-memory values that the store would round.
+  the stored (float32) tensors, not on in-memory values that the store would round. With ``policy.dtype: float64``
+  (the reference-precision path, :data:`FLOAT64_PIPELINES` only) the stored tensors and log-probs are float64.
 - ``LearnerPolicy.recompute`` yields chunks ``(start, log_prob)`` with ``log_prob`` ``[G, k]`` for units
   ``start .. start + k - 1``, covering 0..S-1 exactly once, in order. With the actor's weights it reproduces
   ``Rollout.log_probs`` bit for bit in float32: same batching (the whole group in one forward, as the actor did),
-  same dtype, same inputs.
+  same dtype, same inputs (bit for bit in float64 on the float64 path).
 - ``traj["unit_mask"]`` (optional, ``[G, S]`` float32 of 0/1) marks units that do not count (e.g. AR padding after
   the end of an image); absent means every unit counts.
 - Per-group tensors (prompt embeddings, source latents, schedules) go in ``Rollout.cond`` once, never per sample.
@@ -36,7 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from editrl.common.wire import FAMILIES
+from editrl.common.wire import FAMILIES, LOG_PROB_DTYPES
 
 __all__ = ["Rollout", "ActorPolicy", "LearnerPolicy", "FAMILIES", "PIPELINES", "load_policy", "detect_pipeline"]
 
@@ -55,8 +56,10 @@ class Rollout:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unknown family {self.family!r}; allowed: {FAMILIES}")
-        if self.log_probs.ndim != 2 or self.log_probs.dtype != np.float32:
-            raise ValueError(f"log_probs must be [G, S] float32, got {self.log_probs.shape} {self.log_probs.dtype}")
+        if self.log_probs.ndim != 2 or self.log_probs.dtype.name not in LOG_PROB_DTYPES:
+            raise ValueError(
+                f"log_probs must be [G, S] float32 (float64), got {self.log_probs.shape} {self.log_probs.dtype}"
+            )
         g = self.log_probs.shape[0]
         for name, value in self.traj.items():
             if value.shape[:1] != (g,):
@@ -115,6 +118,8 @@ TINY_BUILDERS: dict[str, tuple[str, str]] = {
     "instruct_pix2pix": ("editrl.common.tiny_ip2p", "build_tiny_instruct_pix2pix"),
     "emu3": ("editrl.common.tiny_emu3", "build_tiny_emu3"),
 }
+# pipelines whose sampler and recompute run in float64 end to end with `policy.dtype: float64` (the golden test's path)
+FLOAT64_PIPELINES = ("flux_kontext",)
 DEFAULT_PIPELINE = {"flow": "flux_kontext", "ddim": "instruct_pix2pix", "ar": "emu3"}
 _DIFFUSERS_CLASSES = {
     "FluxKontextPipeline": "flux_kontext",
@@ -153,15 +158,24 @@ def load_policy(policy_cfg: Any, *, with_pipeline: bool) -> Any:
     family, module, loader = PIPELINES[name]
     if family != policy_cfg.family:
         raise ValueError(f"policy.family: {policy_cfg.model} is a {name} ({family}) model, not {policy_cfg.family}")
+    _check_dtype(policy_cfg, name)
     return getattr(importlib.import_module(module), loader)(policy_cfg, with_pipeline=with_pipeline)
+
+
+def _check_dtype(policy_cfg: Any, name: str) -> None:
+    if policy_cfg.dtype != "float32" and name not in FLOAT64_PIPELINES:
+        raise ValueError(f"policy.dtype: {policy_cfg.dtype} is supported by {FLOAT64_PIPELINES} only, not {name}")
 
 
 def build_tiny(policy_cfg: Any, seed: int = 0) -> bool:
     """Build the tiny checkpoint ``policy.make_tiny`` asks for at ``policy.model`` unless one is there; True if built."""
     if detect_pipeline(policy_cfg.model) is not None:
         return False
-    module, function = TINY_BUILDERS[pipeline_of(policy_cfg)]
-    getattr(importlib.import_module(module), function)(policy_cfg.model, seed=seed)
+    name = pipeline_of(policy_cfg)
+    _check_dtype(policy_cfg, name)
+    module, function = TINY_BUILDERS[name]
+    extra = {"dtype": policy_cfg.dtype} if policy_cfg.dtype != "float32" else {}  # FLOAT64_PIPELINES' builders
+    getattr(importlib.import_module(module), function)(policy_cfg.model, seed=seed, **extra)
     return True
 
 
@@ -177,14 +191,14 @@ def rollout_message(rollout: Rollout, source: Any, **ids: Any) -> Any:
         edit_pngs=[to_png(im) for im in rollout.images],
         family=rollout.family,
         traj={k: np.ascontiguousarray(v) for k, v in rollout.traj.items()},
-        log_probs=np.ascontiguousarray(rollout.log_probs, dtype=np.float32),
+        log_probs=np.ascontiguousarray(rollout.log_probs),
         cond={k: np.ascontiguousarray(v) for k, v in rollout.cond.items()},
         params=dict(rollout.params),
     )
 
 
 def through_wire(rollout: Rollout, source: Any, policy_version: int = 0) -> Any:
-    """What a learner receives for ``rollout``: its RolloutGroup encoded and decoded (the stored float32/int64 frames);
+    """What a learner receives for ``rollout``: its RolloutGroup encoded and decoded (the stored float/int64 frames);
     for tests and tools that check recompute exactness."""
     from editrl.common import wire
 

@@ -2,7 +2,9 @@
 
 Conventions (Flow-GRPO, see docs REFERENCE-MATH section 1): flow time runs sigma = 1 (noise) -> 0 (data),
 dt = sigma_next - sigma < 0, one SDE step per sampler step, log-prob = Gaussian log-density of the stored next
-latent averaged over all non-batch elements (one scalar per sample per step). Everything numeric is float32.
+latent averaged over all non-batch elements (one scalar per sample per step). Everything numeric is float32, or
+float64 end to end when the transformer's weights are float64 (``policy.dtype: float64``: the reference-precision path
+the golden-number test runs, so no CPU-specific float32 rounding reaches its recorded digits).
 
 Shapes: B = batch, G = group size, N = sampler steps, L = packed latent tokens, C = packed channels
 (4 x VAE latent channels), T = text tokens, D = text width, P = pooled text width.
@@ -10,6 +12,7 @@ Shapes: B = batch, G = group size, N = sampler steps, L = packed latent tokens, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Iterator
@@ -34,6 +37,7 @@ __all__ = [
     "flux_schedule",
     "flux_velocity",
     "add_lora",
+    "default_dtype",
     "lora_state_dict",
     "load_lora_state_dict",
 ]
@@ -41,10 +45,14 @@ __all__ = [
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def _per_sample(s: float | torch.Tensor, batch: int, ndim: int) -> torch.Tensor:
-    """Scalar / [] / [B] sigma -> float32 tensor [B, 1, ..., 1] with `ndim` dims in total."""
-    t = torch.as_tensor(s, dtype=torch.float32)
-    t = t.reshape(-1).to(torch.float32)
+def work_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the step math runs in: float64 if any input is float64, else float32 (bf16/fp16 are upcast)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _per_sample(s: float | torch.Tensor, batch: int, ndim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Scalar / [] / [B] sigma -> tensor [B, 1, ..., 1] of ``dtype`` with `ndim` dims in total."""
+    t = torch.as_tensor(s).reshape(-1).to(dtype)
     if t.numel() == 1:
         t = t.expand(batch)
     if t.numel() != batch:
@@ -61,20 +69,20 @@ def flow_sde_step(
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Flow-GRPO SDE step with its Gaussian log-prob (float32 throughout).
+    """One Flow-GRPO SDE step with its Gaussian log-prob (float32 throughout; float64 if x or v is float64).
 
     Args:
-        x: current latents [B, ...] (e.g. [B, L, C]); cast to float32.
-        v: velocity prediction, same shape as x; cast to float32.
+        x: current latents [B, ...] (e.g. [B, L, C]); cast to the work dtype (:func:`work_dtype`).
+        v: velocity prediction, same shape as x; cast likewise.
         sigma, sigma_next: python floats or tensors [] / [B]; broadcast over non-batch dims.
         noise_level: a in std_dev_t = a * sqrt(sigma / (1 - sigma)); must be > 0.
         prev_sample: the next latent to score [B, ...]; drawn as mean + std * eps when None.
         generator: RNG for eps (only used when prev_sample is None).
 
     Returns:
-        prev_sample [B, ...] float32, log_prob [B] float32 (mean over non-batch elements of the Gaussian
-        log-density of prev_sample.detach() under N(mean, std^2)), mean [B, ...] float32, std [B, 1, ...] float32
-        (per-element transition std = std_dev_t * sqrt(-dt)).
+        prev_sample [B, ...], log_prob [B] (mean over non-batch elements of the Gaussian log-density of
+        prev_sample.detach() under N(mean, std^2)), mean [B, ...], std [B, 1, ...] (per-element transition std =
+        std_dev_t * sqrt(-dt)); all in the work dtype.
 
     Math: dt = sigma_next - sigma; std_dev_t = a * sqrt(sigma / (1 - s')) with s' = sigma, except at sigma == 1
     where s' = sigma_next. flow_grpo uses sigmas[1] (the schedule's second sigma) there, which is exactly
@@ -84,11 +92,11 @@ def flow_sde_step(
     """
     if noise_level <= 0:
         raise ValueError(f"noise_level must be > 0 for a log-prob, got {noise_level}")
-    x = x.to(torch.float32)
-    v = v.to(torch.float32)
+    dtype = work_dtype(x, v)
+    x, v = x.to(dtype), v.to(dtype)
     b, nd = x.shape[0], x.ndim
-    s = _per_sample(sigma, b, nd).to(x.device)  # [B, 1, ...]
-    s_next = _per_sample(sigma_next, b, nd).to(x.device)  # [B, 1, ...]
+    s = _per_sample(sigma, b, nd, dtype).to(x.device)  # [B, 1, ...]
+    s_next = _per_sample(sigma_next, b, nd, dtype).to(x.device)  # [B, 1, ...]
     dt = s_next - s
     denom_sigma = torch.where(s == 1.0, s_next, s)
     std_dev_t = noise_level * torch.sqrt(s / (1.0 - denom_sigma))
@@ -97,9 +105,9 @@ def flow_sde_step(
     if not bool(torch.all(std > 0)) or not bool(torch.all(torch.isfinite(std))):
         raise ValueError(f"transition std must be finite and > 0, got {std.flatten().tolist()}")
     if prev_sample is None:
-        eps = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+        eps = torch.randn(x.shape, generator=generator, dtype=dtype, device=x.device)
         prev_sample = mean + std * eps
-    prev_sample = prev_sample.to(torch.float32)
+    prev_sample = prev_sample.to(dtype)
     lp = -((prev_sample.detach() - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
     log_prob = lp.mean(dim=tuple(range(1, nd)))  # [B]
     return prev_sample, log_prob, mean, std
@@ -114,7 +122,7 @@ def flow_cps_step(
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One coefficients-preserving (CPS) step, flow_grpo's ``sde_type='cps'`` (float32 throughout).
+    """One coefficients-preserving (CPS) step, flow_grpo's ``sde_type='cps'`` (in the work dtype, as the SDE step).
 
     Same arguments and returns as :func:`flow_sde_step`. Math (REFERENCE-MATH 1.1):
     std = sigma_next * sin(a * pi / 2); x0 = x - sigma v; x1 = x + (1 - sigma) v;
@@ -125,19 +133,19 @@ def flow_cps_step(
     """
     if noise_level < 0:
         raise ValueError(f"noise_level must be >= 0 for CPS, got {noise_level}")
-    x = x.to(torch.float32)
-    v = v.to(torch.float32)
+    dtype = work_dtype(x, v)
+    x, v = x.to(dtype), v.to(dtype)
     b, nd = x.shape[0], x.ndim
-    s = _per_sample(sigma, b, nd).to(x.device)
-    s_next = _per_sample(sigma_next, b, nd).to(x.device)
+    s = _per_sample(sigma, b, nd, dtype).to(x.device)
+    s_next = _per_sample(sigma_next, b, nd, dtype).to(x.device)
     std = s_next * math.sin(noise_level * math.pi / 2.0)
     x0 = x - s * v
     x1 = x + (1.0 - s) * v
     mean = x0 * (1.0 - s_next) + x1 * torch.sqrt(torch.clamp(s_next**2 - std**2, min=0.0))
     if prev_sample is None:
-        eps = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+        eps = torch.randn(x.shape, generator=generator, dtype=dtype, device=x.device)
         prev_sample = mean + std * eps
-    prev_sample = prev_sample.to(torch.float32)
+    prev_sample = prev_sample.to(dtype)
     log_prob = -((prev_sample.detach() - mean) ** 2).mean(dim=tuple(range(1, nd)))
     return prev_sample, log_prob, mean, std
 
@@ -187,13 +195,18 @@ def flux_schedule(num_steps: int, image_seq_len: int, scheduler_config: dict[str
     return out
 
 
+def _float_copy(a: np.ndarray) -> np.ndarray:
+    """A writable copy of a stored float array: float64 stays float64 (the reference path), the rest is float32."""
+    return np.array(a, dtype=np.float64 if a.dtype == np.float64 else np.float32)
+
+
 @dataclass
 class GroupCondition:
     """Everything the transformer needs about one (instruction, source image) pair; stored once per group.
 
     prompt_embeds [T, D], pooled_prompt_embeds [P], text_ids [T, 3], image_latents [L_img, C] (packed source
     latents, already shifted/scaled), latent_ids [L, 3] (target tokens), image_ids [L_img, 3] (first id = 1);
-    all float32. height/width: output image size in pixels.
+    all float32 (float64 on the float64 path). height/width: output image size in pixels.
     """
 
     prompt_embeds: torch.Tensor
@@ -208,13 +221,13 @@ class GroupCondition:
     _FIELDS = ("prompt_embeds", "pooled_prompt_embeds", "text_ids", "image_latents", "latent_ids", "image_ids")
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """float32 numpy copies of the tensor fields (height/width travel separately)."""
-        return {k: getattr(self, k).detach().to(torch.float32).cpu().numpy() for k in self._FIELDS}
+        """numpy copies of the tensor fields, float32 or float64 as held (height/width travel separately)."""
+        return {k: getattr(self, k).detach().cpu().numpy() for k in self._FIELDS}
 
     @classmethod
     def from_arrays(cls, d: dict[str, np.ndarray], height: int, width: int) -> GroupCondition:
         """Inverse of to_arrays."""
-        kw = {k: torch.from_numpy(np.array(d[k], dtype=np.float32)) for k in cls._FIELDS}  # a writable copy
+        kw = {k: torch.from_numpy(_float_copy(d[k])) for k in cls._FIELDS}
         return cls(**kw, height=int(height), width=int(width))
 
     @property
@@ -227,7 +240,8 @@ class GroupCondition:
 class Trajectory:
     """One sampled group: latents [G, K+1, L, C] = x_start ... x_end of the stochastic window (all N+1 latents without
     a window), log_probs [G, K] (behaviour log-prob of each stochastic step on the stored tensors), sigmas [N+1],
-    final [G, L, C] the last latent (decoded to the edits); all float32."""
+    final [G, L, C] the last latent (decoded to the edits); all float32 (latents and log-probs float64 on the float64
+    path)."""
 
     latents: torch.Tensor
     log_probs: torch.Tensor
@@ -274,7 +288,8 @@ def flux_velocity(
     cond: GroupCondition,
     guidance: float | None,
 ) -> torch.Tensor:
-    """Velocity v [B, L, C] float32 for latents [B, L, C] at sigma (float, [] or [B]).
+    """Velocity v [B, L, C] (float32, or float64 for a float64 transformer) for latents [B, L, C] at sigma (float,
+    [] or [B]).
 
     Kontext layout: hidden = cat([latents, image_latents], dim=1) (sequence dim), img_ids = cat([latent_ids,
     image_ids], 0), prediction cut to the first L tokens. The transformer multiplies `timestep` by 1000 itself
@@ -287,10 +302,11 @@ def flux_velocity(
     img = cond.image_latents.to(device=device, dtype=dtype).unsqueeze(0).expand(b, -1, -1)  # [B, L_img, C]
     hidden = torch.cat([latents.to(dtype), img], dim=1)  # [B, L + L_img, C]
     img_ids = torch.cat([cond.latent_ids, cond.image_ids], dim=0).to(device=device, dtype=dtype)
-    timestep = _per_sample(sigma, b, 1).to(device=device)  # [B] float32
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    timestep = _per_sample(sigma, b, 1, out_dtype).to(device=device)  # [B]
     g = None
     if guidance is not None and _guidance_embeds(transformer):
-        g = torch.full((b,), float(guidance), dtype=torch.float32, device=device)
+        g = torch.full((b,), float(guidance), dtype=out_dtype, device=device)
     out = transformer(
         hidden_states=hidden,
         timestep=timestep,
@@ -301,7 +317,7 @@ def flux_velocity(
         img_ids=img_ids,
         return_dict=False,
     )[0]
-    return out[:, :seq].to(torch.float32)
+    return out[:, :seq].to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------- LoRA
@@ -352,9 +368,22 @@ class LoraSpec:
 _ADAPTER = "default"
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """New parameters are created (and randomly initialised) in ``dtype`` for the duration."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def add_lora(transformer: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
     """Inject a peft LoRA adapter in place (deterministic A init from spec.seed, B = 0); freeze the base.
 
+    The adapter is created and initialised in the transformer's dtype: a float32 A initialised and then cast to
+    float64 differs between CPUs in the last float32 bit (vectorised ``uniform_`` rounds differently per ISA).
     Returns the same module. Only LoRA parameters keep requires_grad=True.
     """
     from peft import LoraConfig, inject_adapter_in_model
@@ -366,7 +395,7 @@ def add_lora(transformer: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
         lora_dropout=0.0,
         init_lora_weights=True,
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), default_dtype(_param_dtype(transformer)):
         torch.manual_seed(spec.seed)
         inject_adapter_in_model(cfg, transformer, adapter_name=_ADAPTER)
     n = 0
@@ -502,23 +531,28 @@ class FluxKontextPolicy:
         _, image_latents, latent_ids, image_ids = pipe.prepare_latents(
             image, 1, c // 4, height, width, prompt_embeds.dtype, device, None, dummy
         )
-        f32 = torch.float32
+        f = self.dtype
         return GroupCondition(
-            prompt_embeds=prompt_embeds[0].to(f32),
-            pooled_prompt_embeds=pooled[0].to(f32),
-            text_ids=text_ids.to(f32),
-            image_latents=image_latents[0].to(f32),
-            latent_ids=latent_ids.to(f32),
-            image_ids=image_ids.to(f32),
+            prompt_embeds=prompt_embeds[0].to(f),
+            pooled_prompt_embeds=pooled[0].to(f),
+            text_ids=text_ids.to(f),
+            image_latents=image_latents[0].to(f),
+            latent_ids=latent_ids.to(f),
+            image_ids=image_ids.to(f),
             height=height,
             width=width,
         )
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The sampler's and the recompute's dtype: float64 for a float64 transformer, else float32."""
+        return torch.float64 if _param_dtype(self.transformer) == torch.float64 else torch.float32
+
     def initial_noise(self, cond: GroupCondition, group_size: int, generator: torch.Generator | None) -> torch.Tensor:
-        """x_0 [G, L, C] float32 drawn like the pipeline (randn in [G, C/4, h, w], then packed)."""
+        """x_0 [G, L, C] (``self.dtype``) drawn like the pipeline (randn in [G, C/4, h, w], then packed)."""
         c = self.transformer.config.in_channels
         lh, lw = cond.latent_ids[:, 1].max().int().item() + 1, cond.latent_ids[:, 2].max().int().item() + 1
-        noise = torch.randn((group_size, c // 4, 2 * lh, 2 * lw), generator=generator, dtype=torch.float32)
+        noise = torch.randn((group_size, c // 4, 2 * lh, 2 * lw), generator=generator, dtype=self.dtype)
         noise = noise.view(group_size, c // 4, lh, 2, lw, 2).permute(0, 2, 4, 1, 3, 5)
         return noise.reshape(group_size, lh * lw, c).to(self.device)
 
@@ -554,7 +588,7 @@ class FluxKontextPolicy:
                 xs.append(x)
                 lps.append(lp)
             else:
-                x = x.to(torch.float32) + v * (sigmas[i + 1] - sigmas[i])
+                x = x.to(v.dtype) + v * (sigmas[i + 1] - sigmas[i])
         return Trajectory(
             latents=torch.stack(xs, dim=1).cpu(),  # [G, K+1, L, C]
             log_probs=torch.stack(lps, dim=1).cpu(),  # [G, K]
@@ -603,7 +637,7 @@ class FluxKontextPolicy:
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """``(u, log_prob [G, 1])`` for every stored step, the whole group in one forward, as the actor ran it."""
         condition = GroupCondition.from_arrays(cond, height=params["height"], width=params["width"])
-        latents = torch.from_numpy(np.array(traj["latents"], dtype=np.float32))  # [G, S+1, L, C]
+        latents = torch.from_numpy(_float_copy(traj["latents"]))  # [G, S+1, L, C]
         sigmas = torch.from_numpy(np.array(cond["sigmas"], dtype=np.float32))  # [N+1]
         step, start = STEPS[params["sde_type"]], int(params["start"])
         for u in range(latents.shape[1] - 1):
@@ -647,4 +681,7 @@ def load_flux_kontext(policy_cfg: Any, *, with_pipeline: bool) -> FluxKontextPol
     window_range = tuple(s.sde_window_range) if s.sde_window_range else None
     sampler = FlowSampler(s.num_steps, s.noise_level, s.guidance, s.sde_type, s.sde_window, window_range)
     lora = LoraSpec(rank=policy_cfg.lora.rank, alpha=policy_cfg.lora.alpha)
-    return FluxKontextPolicy.from_pretrained(policy_cfg.model, with_pipeline=with_pipeline, lora=lora, sampler=sampler)
+    return FluxKontextPolicy.from_pretrained(
+        policy_cfg.model, with_pipeline=with_pipeline, lora=lora, sampler=sampler,
+        torch_dtype=getattr(torch, policy_cfg.dtype),
+    )  # fmt: skip

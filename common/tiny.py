@@ -68,16 +68,28 @@ def _scale_decoder(vae: torch.nn.Module) -> None:
         vae.decoder.conv_out.bias.zero_()
 
 
-def build_tiny_flux_kontext(out_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
+def build_tiny_flux_kontext(out_dir: str | Path, seed: int = 0, force: bool = False, dtype: str = "float32") -> Path:
     """Build (or reuse) a tiny random `FluxKontextPipeline` saved as safetensors in `out_dir`.
 
     Idempotent: if `out_dir/model_index.json` exists and `force` is False, returns without rebuilding.
     Deterministic for a given `seed`. Returns `Path(out_dir)`.
+
+    ``dtype="float64"`` initialises and saves every weight in float64 (for ``policy.dtype: float64``). That checkpoint
+    is the same on every CPU: float32 ``normal_`` takes CPU-specific vector paths (with the same seed, ~40 % of
+    ``torch.randn(10**5)`` values differ in the last bit between torch's DEFAULT and AVX2 kernels), float64 does not.
     """
     out = Path(out_dir)
     if (out / "model_index.json").exists() and not force:
         return out
+    from editrl.common.flow import default_dtype
 
+    with default_dtype(getattr(torch, dtype)):
+        _build(out, seed)
+    (out / "editrl_tiny.json").write_text(json.dumps({"kind": "tiny_flux_kontext", "seed": seed, "dtype": dtype}))
+    return out
+
+
+def _build(out: Path, seed: int) -> None:
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -173,5 +185,3 @@ def build_tiny_flux_kontext(out_dir: str | Path, seed: int = 0, force: bool = Fa
     )
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
-    (out / "editrl_tiny.json").write_text(json.dumps({"kind": "tiny_flux_kontext", "seed": seed}))
-    return out

@@ -41,6 +41,7 @@ MAX_NDIM = 6
 MAX_ID_BYTES = 128  # request/group/lease/job/task/actor/worker ids
 ID_FIELDS = frozenset({"request_id", "group_id", "lease_id", "job_id", "task_id", "actor_id", "worker_id"})
 ALLOWED_DTYPES = frozenset({"float32", "float64", "float16", "int64", "int32", "uint8", "bool"})
+LOG_PROB_DTYPES = ("float32", "float64")  # float64 only from a policy.dtype: float64 (reference-precision) actor
 
 # Liveness and deadlines (seconds).
 HEARTBEAT_INTERVAL_S = 1.0
@@ -394,12 +395,13 @@ def _decode(frames: list[bytes] | list[Any]) -> Any:
 
 
 def _check_group(g: RolloutGroup) -> None:
-    """Shapes that must agree inside a rollout: G edits, [G, S] float32 log-probs, every traj array led by G."""
+    """Shapes that must agree inside a rollout: G edits, [G, S] float32 (or float64) log-probs, every traj array
+    led by G."""
     if g.family not in FAMILIES:
         raise WireError("bad_group", f"family {_short(g.family)} not in {FAMILIES}")
     n = len(g.edit_pngs)
     lp = g.log_probs
-    if lp.ndim != 2 or lp.dtype != np.float32 or lp.shape[0] != n or lp.shape[1] < 1:
+    if lp.ndim != 2 or lp.dtype.name not in LOG_PROB_DTYPES or lp.shape[0] != n or lp.shape[1] < 1:
         raise WireError("bad_group", f"log_probs must be [G={n}, S>=1] float32, got {list(lp.shape)} {lp.dtype}")
     for name, value in g.traj.items():
         if value.ndim == 0 or value.shape[0] != n:

@@ -137,7 +137,7 @@ class Updater:
             if chunk_mask is not None:
                 deviation = deviation * chunk_mask
             stats["behave_dev_max"] = deviation.max()
-            out.setdefault("loss", []).append(float(loss))
+            out.setdefault("loss", []).append(float(loss.detach()))
             for key, value in stats.items():
                 out.setdefault(key, []).append(float(value))
         return {k: max(v) if k in _MAX_KEYS else float(np.mean(v)) for k, v in out.items()}

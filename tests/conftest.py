@@ -65,3 +65,15 @@ def tiny_qwen_edit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from editrl.common.tiny_qwen_edit import build_tiny_qwen_image_edit
 
     return build_tiny_qwen_image_edit(tmp_path_factory.mktemp("tiny_qwen_edit"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_f64_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny FLUX.1-Kontext pipeline initialised and saved in float64 (the golden test's reference precision)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    from editrl.common.tiny import build_tiny_flux_kontext
+
+    return build_tiny_flux_kontext(tmp_path_factory.mktemp("tiny_flux_kontext_f64"), seed=0, dtype="float64")

@@ -44,6 +44,7 @@ BASE = {"policy": {"model": "/m"}, "data": {"tasks": "/t.jsonl"}}
         ({"policy": {"model": "/m", "lora": {"rank": 0}}}, "policy.lora.rank"),
         ({"data": {"tasks": "/t.jsonl", "group_size": 1}}, "data.group_size"),
         ({"policy": {"model": "/m", "family": "gan"}}, "policy.family"),
+        ({"policy": {"model": "/m", "dtype": "float16"}}, "policy.dtype"),
         ({"broker": {"endpoint": "http://x"}}, "broker.endpoint"),
         ({"actors": []}, "actors"),
         ({"learner": {"nproc": 2, "groups_per_step": 3}}, "learner.groups_per_step"),
@@ -142,3 +143,13 @@ def test_relative_judge_model_paths_resolve_against_the_yaml_and_hub_ids_stay(tm
     assert parts["v"]["engine_options"]["model"] == str(tmp_path / "judge")
     assert parts["e"]["model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert parts["e"]["lora"] == str(tmp_path / "sub/adapters/es")
+
+
+def test_float64_is_refused_for_pipelines_without_a_float64_path(tiny_ip2p_dir):
+    from editrl.common.config import parse_config
+    from editrl.common.family import load_policy
+
+    cfg = parse_config({"policy": {"model": str(tiny_ip2p_dir), "family": "ddim", "dtype": "float64"},
+                        "data": {"tasks": "/t.jsonl"}})  # fmt: skip
+    with pytest.raises(ValueError, match="policy.dtype: float64 is supported by"):
+        load_policy(cfg.policy, with_pipeline=False)
