@@ -26,7 +26,9 @@ class Actor:
         t0 = time.monotonic()
         self.policy = load_policy(cfg.policy, with_pipeline=True)
         log.info("policy_loaded", model=cfg.policy.model, seconds=round(time.monotonic() - t0, 2))
-        self.client = BrokerClient(self.ctx, cfg.broker.endpoint, self.actor_id, security=cfg.security)
+        self.client = BrokerClient(
+            self.ctx, cfg.broker.endpoint, self.actor_id, cfg.timers.request_timeout_s, security=cfg.security
+        )
         self.version = 0
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + actor_id)
         self.n_groups = 0
@@ -82,7 +84,7 @@ class Actor:
             if ack.ok or ack.detail.startswith("rejected"):  # rejected: permanent (e.g. too large), never resent
                 return ack
             self.log.warning("group_not_acknowledged", group_id=group.group_id, detail=ack.detail)
-            time.sleep(wire.STORAGE_RETRY_S)
+            time.sleep(self.cfg.timers.storage_retry_s)
             if self.should_stop():
                 raise TimeoutError("stopped before the group was acknowledged")
 

@@ -8,7 +8,6 @@ lease reply.
 
 from __future__ import annotations
 
-import sys
 import time
 
 
@@ -41,4 +40,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from editrl.common.entry import exit_now
+
+    exit_now(main())  # after main's own clean-up; skips ~1.4 s of interpreter teardown

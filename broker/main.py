@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         lease_timeout_s=cfg.broker.lease_timeout_s,
         score_deadline_s=cfg.broker.score_deadline_s,
         security=cfg.security,
+        scorer_liveness_s=cfg.timers.scorer_liveness_s,
+        storage_retry_s=cfg.timers.storage_retry_s,
     )
     should_stop = stop_flag()
     # Past a file-size limit the kernel sends SIGXFSZ, whose default action kills the process. Ignored, the write

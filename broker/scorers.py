@@ -1,7 +1,7 @@
 """The broker's scorer pool: registry, liveness, deadlines, quarantine, fair dispatch and score results.
 
 Failure model
-- A scorer silent for ``SCORER_LIVENESS_S`` is dead; its jobs are requeued. A scorer that re-announces itself from a
+- A scorer silent for ``liveness_s`` (``timers.scorer_liveness_s``) is dead; its jobs are requeued. A scorer that re-announces itself from a
   new socket (a restarted process with the same worker id) has its predecessor's jobs requeued at once.
 - A job past its deadline is late (the scorer heartbeats but is stuck): the group is requeued; the late job keeps
   its slot until the scorer answers or dies, and every further deadline it stays unanswered is another miss. After
@@ -56,9 +56,12 @@ def job_payload(g: wire.RolloutGroup) -> JobPayload:
 
 
 class ScorerPool:
-    def __init__(self, store: ReplayStore, log: Any, gauges: collections.Counter, send: Any, score_deadline_s: float):
+    def __init__(
+        self, store: ReplayStore, log: Any, gauges: collections.Counter, send: Any, score_deadline_s: float,
+        liveness_s: float = wire.SCORER_LIVENESS_S,
+    ) -> None:  # fmt: skip
         self.store, self.log, self.gauges, self.send = store, log, gauges, send
-        self.score_deadline_s = score_deadline_s
+        self.score_deadline_s, self.liveness_s = score_deadline_s, liveness_s
         self.workers: dict[str, Worker] = {}
         self.jobs: dict[str, Job] = {}
         self.requeues: collections.Counter[str] = collections.Counter()
@@ -186,7 +189,7 @@ class ScorerPool:
     def check(self) -> None:
         now = time.monotonic()
         for worker_id, worker in list(self.workers.items()):
-            if now - worker.last_seen > wire.SCORER_LIVENESS_S:
+            if now - worker.last_seen > self.liveness_s:
                 del self.workers[worker_id]
                 self.log.warning("scorer_dead", worker_id=worker_id, jobs=len(worker.jobs))
                 for job_id in list(worker.jobs):

@@ -113,12 +113,15 @@ class Broker:
         lease_timeout_s: float = wire.LEASE_TIMEOUT_S,
         score_deadline_s: float = wire.SCORE_JOB_DEADLINE_S,
         security: SecurityConfig | None = None,
+        scorer_liveness_s: float = wire.SCORER_LIVENESS_S,
+        storage_retry_s: float = wire.STORAGE_RETRY_S,
     ) -> None:
         if not tasks:
             raise ValueError("the task list is empty")
         self.store, self.tasks, self.log = store, tasks, log
         self.groups_per_step, self.max_staleness = groups_per_step, max_staleness
         self.lease_timeout_s, self.score_deadline_s = lease_timeout_s, score_deadline_s
+        self.storage_retry_s = storage_retry_s
         self.ctx = ctx or zmq.Context()
         self.sock = harden(self.ctx.socket(zmq.ROUTER), hwm=10000)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -143,7 +146,7 @@ class Broker:
             wire.WeightsInfo(version=0, uri="", sha256="", kind="lora")
         )
         self.gauges: collections.Counter[str] = collections.Counter()  # process-lifetime counters (not durable)
-        self.scorers = ScorerPool(store, log, self.gauges, self._send, score_deadline_s)
+        self.scorers = ScorerPool(store, log, self.gauges, self._send, score_deadline_s, scorer_liveness_s)
         self.processes = ProcessTable()  # for `editrl status`: who talks to us, how often, how idle
         self.durable: dict[str, int] = store.counters()  # the LMDB counters as of the last commit
         self.learner_step: int = store.get_meta("learner_step") or 0  # learner step of the latest published weights
@@ -302,7 +305,7 @@ class Broker:
         for identity, g in [*turn.groups, *turn.skips]:
             self._send(identity, wire.Ack(g.request_id, False, "storage_unavailable", self.weights))
         for identity, m in [*turn.samples, *turn.leases]:
-            self._send(identity, wire.Wait(m.request_id, wire.STORAGE_RETRY_S, "storage_unavailable", self.weights))
+            self._send(identity, wire.Wait(m.request_id, self.storage_retry_s, "storage_unavailable", self.weights))
 
     def _check_handshakes(self) -> None:
         """Clients whose CURVE handshake failed (unknown key, plaintext, wrong server key): counted, logged once per
@@ -418,7 +421,7 @@ class Broker:
             self.store.set_metas({"weights": weights, "learner_step": learner_step})
         except lmdb.Error as exc:
             self.log.error("storage_write_failed", error=str(exc)[:200], what="weights")
-            self._send(identity, wire.Wait(msg.request_id, wire.STORAGE_RETRY_S, "storage_unavailable", self.weights))
+            self._send(identity, wire.Wait(msg.request_id, self.storage_retry_s, "storage_unavailable", self.weights))
             return
         self.weights, self.learner_step = weights, learner_step
         if newer:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from editrl.common import wire
 from editrl.common.security import SecurityConfig
 
 
@@ -139,6 +140,18 @@ class LearnerConfig:
 
 
 @dataclass
+class TimersConfig:
+    """Protocol timings every process shares; the defaults are the constants of :mod:`editrl.common.wire`. (The
+    broker's lease timeout and score deadline are ``broker.lease_timeout_s`` / ``broker.score_deadline_s``.)"""
+
+    heartbeat_interval_s: float = wire.HEARTBEAT_INTERVAL_S  # scorers prove they are alive this often
+    scorer_liveness_s: float = wire.SCORER_LIVENESS_S  # the broker declares a scorer silent this long dead
+    request_timeout_s: float = wire.REQUEST_TIMEOUT_S  # clients resend an unanswered request after this long
+    storage_retry_s: float = wire.STORAGE_RETRY_S  # after a failed LMDB commit, clients retry after this long
+    restart_backoff_s: float = 2.0  # `editrl up` waits this long before restarting a process that crashed at start-up
+
+
+@dataclass
 class TopologyConfig:
     run: RunConfig = field(default_factory=RunConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
@@ -148,6 +161,7 @@ class TopologyConfig:
     scorers: ScorersConfig = field(default_factory=ScorersConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    timers: TimersConfig = field(default_factory=TimersConfig)
     source_path: str = ""  # the YAML file this was loaded from (set by load_config)
 
     @property
@@ -175,6 +189,13 @@ _POSITIVE = {
     "policy.lora.rank",
     "broker.replay_capacity",
     "broker.map_size_bytes",
+    "broker.lease_timeout_s",
+    "broker.score_deadline_s",
+    "timers.heartbeat_interval_s",
+    "timers.scorer_liveness_s",
+    "timers.request_timeout_s",
+    "timers.storage_retry_s",
+    "timers.restart_backoff_s",
 }
 _PATHS = {
     "run.dir",
@@ -322,6 +343,11 @@ def _check(cfg: TopologyConfig) -> None:
         raise ConfigError(f"learner.iw_cap: must be >= 1 (w = 1 when the group is fresh), got {cfg.learner.iw_cap}")
     if cfg.learner.clip_range_high < 0 or cfg.learner.kl_coef < 0:
         raise ConfigError("learner.clip_range_high / learner.kl_coef: must be >= 0")
+    if cfg.timers.scorer_liveness_s < 2 * cfg.timers.heartbeat_interval_s:
+        raise ConfigError(
+            f"timers.scorer_liveness_s: must be >= 2 x timers.heartbeat_interval_s "
+            f"({2 * cfg.timers.heartbeat_interval_s}), got {cfg.timers.scorer_liveness_s}"
+        )
     if cfg.learner.lr <= 0 or cfg.learner.clip_range <= 0:
         raise ConfigError("learner.lr / learner.clip_range: must be > 0")
 

@@ -6,11 +6,13 @@ Heavy imports (torch, diffusers, zmq) happen only after this returns, so ``--hel
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from editrl.common.config import ConfigError, TopologyConfig, load_config
 from editrl.common.log import set_process_title, setup_logging
@@ -58,6 +60,17 @@ def run_guarded(role: str, log: Any, body: Callable[[], int]) -> int:
         log.error("handshake_failed", error=str(exc))
         print(f"editrl {role}: {exc}", file=sys.stderr)
         return 3
+
+
+def exit_now(code: int) -> NoReturn:
+    """End a role process whose own clean-up is done (sockets, writers and checkpoints closed): flush the log files
+    and the standard streams, then ``os._exit``. This skips the interpreter's teardown of the torch / diffusers /
+    transformers modules, ~1.4 s of CPU on this machine kind that held up every stop and every restart."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def stop_flag() -> Callable[[], bool]:

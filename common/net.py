@@ -72,7 +72,7 @@ class BrokerClient:
             while (remaining := deadline - time.monotonic()) > 0:
                 assert self.watch is not None
                 self.watch.check()
-                if not self.sock.poll(int(min(remaining, 0.5) * 1000)):
+                if not self.sock.poll(int(min(remaining, 0.1) * 1000)):  # should_stop is seen within 0.1 s
                     if should_stop is not None and should_stop():
                         raise TimeoutError("stopped while waiting for the broker")
                     continue

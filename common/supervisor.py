@@ -25,7 +25,7 @@ import psutil
 from editrl.common.config import TopologyConfig
 
 GRACE_S = 10.0
-RESTART_BACKOFF_S = 2.0
+POLL_S = 0.1  # how often children are checked (a finished learner ends the run within this)
 QUICK_CRASH_S = 10.0  # a child that dies this soon after start is crash-looping
 MAX_QUICK_CRASHES = 5  # ... and after this many in a row the run stops (exit 1) instead of looping forever
 
@@ -139,12 +139,12 @@ class Supervisor:
     def _supervise(self) -> None:
         broker, *others = self.children
         self.start(broker)
-        time.sleep(0.5)
+        time.sleep(0.2)  # not needed for correctness (clients retry), just fewer reconnects
         for child in others:
             self.start(child)
         learner = self.children[-1]
         while not self.stopping:
-            time.sleep(0.5)
+            time.sleep(POLL_S)
             for child in self.children:
                 assert child.proc is not None
                 rc = child.proc.poll()
@@ -165,7 +165,7 @@ class Supervisor:
                     self.exit_code, self.stopping = 1, True
                     break
                 if quick:  # crash loop: back off
-                    time.sleep(RESTART_BACKOFF_S)
+                    time.sleep(self.cfg.timers.restart_backoff_s)
                 child.restarts += 1  # the learner resumes from its last checkpoint; the others are stateless
                 self.start(child)
 

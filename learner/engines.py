@@ -170,6 +170,14 @@ class DeepSpeedEngine:
             raise ImportError(
                 f"learner.engine: deepspeed needs DeepSpeed: pip install editrl[deepspeed] ({exc})"
             ) from exc
+        if os.environ.get("DS_ACCELERATOR") == "cpu":
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at start-up (tens of seconds on a
+            # machine without the build cache) that only its inference_all_reduce uses; training all-reduces through
+            # torch.distributed (gloo) either way. Marked incompatible, it is never built. (DeepSpeed keeps this dict
+            # for the process and reads it when it builds its backend.)
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8)

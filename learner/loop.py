@@ -63,8 +63,9 @@ class Learner:
         self.ckpt_dir = cfg.run_dir / "checkpoints"
         self._resume()
         self.client = BrokerClient(
-            ctx or zmq.Context(), cfg.broker.endpoint, f"learner-{self.rank}", security=cfg.security
-        )
+            ctx or zmq.Context(), cfg.broker.endpoint, f"learner-{self.rank}", cfg.timers.request_timeout_s,
+            security=cfg.security,
+        )  # fmt: skip
         self._skip_reused_versions()
         self.writer = None
         self.wandb: Any = None
@@ -142,7 +143,7 @@ class Learner:
             info = self.publisher.publish(self.version, lora, kind="lora")
             message = wire.PublishWeights(new_id(), self.step, wire.weights_dict(info))
             while not isinstance(self.client.request(message, should_stop=self.should_stop), wire.Ack):
-                time.sleep(wire.STORAGE_RETRY_S)  # the broker could not record it: admission depends on it
+                time.sleep(self.cfg.timers.storage_retry_s)  # the broker could not record it: admission depends on it
             self.log.info("weights_published", version=self.version, seconds=round(time.monotonic() - t0, 3))
         dist.barrier()
 
@@ -251,3 +252,5 @@ class Learner:
         if self.writer is not None:
             self.writer.close()
             self.metrics_file.close()
+        if self.wandb is not None:
+            self.wandb.finish()  # explicitly: the process ends with os._exit (editrl.common.entry.exit_now)

@@ -8,7 +8,6 @@ Run directly (no torchrun environment) it starts a single-rank process group its
 from __future__ import annotations
 
 import os
-import sys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,4 +53,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from editrl.common.entry import exit_now
+
+    exit_now(main())  # after main's own clean-up; skips ~1.4 s of interpreter teardown

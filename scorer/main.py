@@ -22,4 +22,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from editrl.common.entry import exit_now
+
+    exit_now(main())  # a judge's torch/transformers modules: skip their interpreter teardown

@@ -48,7 +48,7 @@ def run_worker(cfg: TopologyConfig, index: int, backend: ScoreBackend, log: Any,
     try:
         while not should_stop():
             watch.check()
-            if time.monotonic() - last_ready >= wire.HEARTBEAT_INTERVAL_S:
+            if time.monotonic() - last_ready >= cfg.timers.heartbeat_interval_s:
                 with contextlib.suppress(zmq.Again):  # never block on a broker that is down: the next one will do
                     sock.send_multipart(ready, flags=zmq.NOBLOCK)  # idle re-announcement: re-registers us after restart
                 last_ready = time.monotonic()
@@ -76,7 +76,7 @@ def _heartbeats(ctx: zmq.Context, cfg: TopologyConfig, worker_id: str, done: thr
     secure_client(sock, cfg.security)
     sock.connect(cfg.broker.endpoint)
     beat = wire.encode(wire.Heartbeat(worker_id))
-    while not done.wait(wire.HEARTBEAT_INTERVAL_S):
+    while not done.wait(cfg.timers.heartbeat_interval_s):
         with contextlib.suppress(zmq.Again):
             sock.send_multipart(beat, flags=zmq.NOBLOCK)
     sock.close(linger=0)

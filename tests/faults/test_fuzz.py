@@ -440,7 +440,7 @@ def _group_cases() -> list[Case]:
         ("log_probs G=3", {"log_probs": np.zeros((3, 3), np.float32)}),
         ("log_probs 1-D", {"log_probs": np.zeros(2, np.float32)}),
         ("log_probs S=0", {"log_probs": np.zeros((2, 0), np.float32)}),
-        ("log_probs float64", {"log_probs": np.zeros((2, 3), np.float64)}),
+        ("log_probs float16", {"log_probs": np.zeros((2, 3), np.float16)}),
         ("traj G=1", {"traj": {"latents": np.zeros((1, 3), np.float32)}}),
         ("traj scalar", {"traj": {"latents": np.zeros((), np.float32)}}),
         ("unit_mask shape", {"traj": {"unit_mask": np.ones((2, 4), np.float32)}, "log_probs": g}),

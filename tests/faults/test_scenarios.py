@@ -58,14 +58,15 @@ def test_kill_scorer_mid_job(fault_run):
 
 
 def test_stopped_scorer_past_liveness_then_resumed_sends_a_late_duplicate(fault_run):
-    run = fault_run(max_steps=60, scorers={"count": 2})  # long enough to outlive the 5 s liveness window
+    steps = 20  # long enough to outlive the topology's scorer liveness window (timers.scorer_liveness_s)
+    run = fault_run(max_steps=steps, scorers={"count": 2})
     run.wait_steps(3)
     _hold_a_job(run, "scorer-0")
     run.wait_for(lambda: run.events("broker-*", "scorer_dead"), 30, "the broker to declare scorer-0 dead")
+    assert run.steps() < steps - 3, "the run ended before the stopped scorer could come back"
     run.kill("scorer-0", signal.SIGCONT)  # wakes up and answers its stale job
-    run.wait_steps(8)
     verdict = run.finish()
-    _assert_clean(verdict, steps=60)
+    _assert_clean(verdict, steps=steps)
     # its late result either completed the requeued group first or was recognised as a duplicate
     assert run.events("broker-*", "score_result_duplicate") or verdict.recovered
 
@@ -75,24 +76,27 @@ def test_scorer_that_heartbeats_but_never_answers_is_quarantined(fault_run, tmp_
     import sys
     from pathlib import Path
 
-    run = fault_run(max_steps=60, scorers={"count": 1}, broker={"score_deadline_s": 2.0})
+    steps = 25
+    run = fault_run(max_steps=steps, scorers={"count": 1}, broker={"score_deadline_s": 1.0})
     run.wait_steps(1)
     stuck = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("stuck_scorer.py")), run.status_endpoint(), "scorer-stuck"]
     )
     try:
         run.wait_for(lambda: run.events("broker-*", "scorer_quarantined"), 60, "scorer-stuck to be quarantined")
+        assert run.steps() < steps, "the run ended before the stuck scorer was quarantined"
         verdict = run.finish()
     finally:
         stuck.kill()
         stuck.wait()
-    _assert_clean(verdict, steps=60)
+    _assert_clean(verdict, steps=steps)
     assert run.events("broker-*", "scorer_quarantined")[0]["misses"] >= wire.QUARANTINE_AFTER_MISSES
     assert [e for e in run.events("broker-*", "score_requeued") if e.get("reason") == "deadline"]
 
 
 def test_kill_actor_mid_group(fault_run):
-    run = fault_run(max_steps=40, actors={"count": 1}, broker={"lease_timeout_s": 3.0})
+    steps = STEPS  # the run cannot end without the actor: its restart and the expired lease always come first
+    run = fault_run(max_steps=steps, actors={"count": 1}, broker={"lease_timeout_s": 2.0})
     run.wait_steps(3)
     for _ in range(20):  # stop it while it holds a lease (sampling or awaiting its ack), not while told to wait
         run.kill("actor-0", signal.SIGSTOP)
@@ -104,7 +108,7 @@ def test_kill_actor_mid_group(fault_run):
     assert run.status()["leases"] >= 1
     run.kill("actor-0", signal.SIGKILL)  # dies holding it; the lease expires and its task is re-issued
     run.wait_for(lambda: run.events("broker-*", "lease_expired"), 30, "the dead actor's lease to expire")
-    _assert_clean(run.finish(), steps=40)
+    _assert_clean(run.finish(), steps=steps)
 
 
 def test_kill_learner_mid_step_resumes_exactly(fault_run):
@@ -131,9 +135,11 @@ def test_stopped_learner_makes_actors_wait_with_bounded_work(fault_run):
     run = fault_run(actors={"count": 2})
     run.wait_steps(3)
     run.kill("learner-0", signal.SIGSTOP)
-    time.sleep(6)
+    # saturated: every lease granted before the stop came back as a group, and actors are being told to wait
+    waits = run.status()["lease_waits"]
+    run.wait_for(lambda: (s := run.status())["leases"] == 0 and s["lease_waits"] > waits + 4, 30, "actors to wait")
     first = run.status()
-    time.sleep(4)
+    time.sleep(3)  # actors ask for a lease every Wait (0.2 s): ~15 refusals each
     second = run.status()
     # admission control: nothing new is generated while the learner is stopped; actors are told to wait
     assert second["ingested"] == first["ingested"]
@@ -163,8 +169,8 @@ def test_disk_full_stops_acknowledging_then_recovers(fault_run):
     resource.prlimit(pid, resource.RLIMIT_FSIZE, (size, hard))  # the disk is "full" at the current size
     run.wait_for(lambda: run.events("broker-*", "storage_write_failed"), 60, "a failed commit")
     failures = run.status()["storage_failures"]
-    time.sleep(2)
-    assert run.status()["storage_failures"] > failures  # still refusing (commits that need to grow the file fail)
+    # still refusing (commits that need to grow the file fail), and clients keep retrying
+    run.wait_for(lambda: run.status()["storage_failures"] > failures, 30, "further refused commits")
     resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))  # space returns
     run.wait_for(lambda: run.events("broker-*", "storage_recovered"), 60, "the broker to recover")
     verdict = run.finish()

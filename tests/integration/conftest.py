@@ -40,6 +40,17 @@ def free_port() -> int:
     raise RuntimeError("no free port below the ephemeral range")
 
 
+# Protocol timers of every test topology: a fault is noticed in seconds, not in the production defaults' minutes.
+# The liveness keeps 8 heartbeats of slack: on 2 shared cores a scorer may be descheduled for a while.
+TEST_TIMERS = {
+    "heartbeat_interval_s": 0.25,
+    "scorer_liveness_s": 2.0,
+    "request_timeout_s": 1.0,
+    "restart_backoff_s": 0.5,
+    "storage_retry_s": 0.25,
+}
+
+
 def write_topology(tmp_path: Path, model_dir: Path, tasks: Path, **sections: dict[str, Any]) -> Path:
     topo: dict[str, Any] = {
         "run": {"name": "it", "dir": str(tmp_path / "run"), "seed": 0},
@@ -49,6 +60,7 @@ def write_topology(tmp_path: Path, model_dir: Path, tasks: Path, **sections: dic
         "actors": {"count": 1},
         "scorers": {"count": 1, "backend": "metric"},
         "learner": {"nproc": 1, "groups_per_step": 4, "lr": 3e-3, "checkpoint_every": 5},
+        "timers": dict(TEST_TIMERS),
     }
     for name, values in sections.items():
         topo[name].update(values)

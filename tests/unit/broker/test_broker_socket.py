@@ -114,9 +114,9 @@ def test_malformed_frames_are_counted_and_broker_keeps_serving(broker):
     assert sum(v for k, v in counters.items() if k.startswith("rejected/")) >= 290
 
 
-def test_dead_scorer_job_is_requeued_to_another(broker, monkeypatch):
+def test_dead_scorer_job_is_requeued_to_another(broker):
     b, ctx = broker
-    monkeypatch.setattr(wire, "SCORER_LIVENESS_S", 0.5)
+    b.scorers.liveness_s = 0.5
     actor = _dealer(ctx, b.endpoint, "actor")
     lease = _ask(actor, wire.LeaseRequest("a0", "l1"))
     _ask(actor, _group(lease, "g1"))
