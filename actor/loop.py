@@ -14,7 +14,7 @@ from editrl.common.family import load_policy, rollout_message
 from editrl.common.flow import load_lora_state_dict
 from editrl.common.net import BrokerClient, new_id
 from editrl.common.tasks import MissingImageError, Task, load_source_image
-from editrl.common.weights_fetch import load_weights
+from editrl.common.weights_fetch import FetchStopped, load_weights
 from editrl.common.weights_stream import WeightsVersionGone
 
 
@@ -98,14 +98,19 @@ class Actor:
         t0 = time.monotonic()
         for attempt in range(attempts):
             try:
-                state = load_weights(info)
+                # a stream fetch uses the topology's request timeout and gives up at once when the actor stops
+                state = load_weights(info, timeout_s=self.cfg.timers.request_timeout_s, should_stop=self.should_stop)
                 load_lora_state_dict(self.policy.trainable_module(), state)
                 break
             except WeightsVersionGone as exc:  # superseded while we fetched: the next announcement brings a newer one
                 self.log.warning("weights_version_gone", version=info.version, held=exc.held)
                 return
+            except FetchStopped:
+                return
             except (ValueError, KeyError, OSError) as exc:
                 self.log.warning("weights_load_failed", version=info.version, attempt=attempt, error=str(exc)[:200])
+                if self.should_stop():
+                    return
                 time.sleep(0.2 * (attempt + 1))
         else:
             return

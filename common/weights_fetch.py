@@ -14,6 +14,7 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,12 @@ from editrl.common.weights_stream import (
 )
 from editrl.common.wire import WeightsInfo
 
-__all__ = ["FetchStats", "fetch_stream", "load_weights", "tensors_from_buffer"]
+__all__ = ["FetchStats", "FetchStopped", "fetch_stream", "load_weights", "tensors_from_buffer"]
+
+
+class FetchStopped(Exception):
+    """The fetch was abandoned because the process is stopping (not a transport failure: nothing to retry)."""
+
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
@@ -155,9 +161,11 @@ class _Puller:
     """One fetch over one DEALER: request/reply matching, resends, checksums."""
 
     def __init__(self, sock: zmq.Socket, watch: HandshakeWatch, info: WeightsInfo, endpoint: str,
-                 timeout_s: float, retries: int, stats: FetchStats) -> None:  # fmt: skip
+                 timeout_s: float, retries: int, stats: FetchStats,
+                 should_stop: Callable[[], bool] | None = None) -> None:  # fmt: skip
         self.sock, self.watch, self.info, self.endpoint = sock, watch, info, endpoint
         self.timeout_s, self.retries, self.stats = timeout_s, retries, stats
+        self.should_stop = should_stop
 
     def _send(self, op: str, **fields: int) -> None:
         req = {"proto": STREAM_PROTOCOL_VERSION, "op": op, "version": self.info.version, **fields}
@@ -167,6 +175,8 @@ class _Puller:
         """The next reply before ``deadline`` (monotonic), or None. Raises on an error reply or a malformed one."""
         while (remaining := deadline - time.monotonic()) > 0:
             self.watch.check()  # a rejected CURVE key raises HandshakeError instead of timing out
+            if self.should_stop is not None and self.should_stop():
+                raise FetchStopped(f"weights v{self.info.version}: the process is stopping")
             if not self.sock.poll(max(1, int(min(remaining, 0.1) * 1000))):
                 continue
             frames = self.sock.recv_multipart(copy=False)
@@ -305,13 +315,14 @@ def fetch_stream(
     retries: int = FETCH_RETRIES,
     window: int = WINDOW_CHUNKS,
     stats: FetchStats | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Pull version ``info.version`` from the weight server at ``info.uri`` and return its tensors.
 
     Each request waits up to ``timeout_s`` for its reply and is sent again up to ``retries`` times, so an
     unreachable server raises TimeoutError after about ``(retries + 1) * timeout_s``. See the module docstring for
     the other errors. ``security`` is this actor's client config (the weight server's public key is
-    ``security.server_public_key``).
+    ``security.server_public_key``). ``should_stop`` (checked every 0.1 s) aborts the fetch with FetchStopped.
     """
     if timeout_s <= 0 or retries < 0 or window < 1:
         raise ValueError(f"need timeout_s > 0, retries >= 0, window >= 1; got {timeout_s}, {retries}, {window}")
@@ -324,7 +335,7 @@ def fetch_stream(
         secure_client(sock, security or SecurityConfig())
         watch = HandshakeWatch(sock, endpoint)
         sock.connect(endpoint)
-        puller = _Puller(sock, watch, info, endpoint, timeout_s, retries, stats)
+        puller = _Puller(sock, watch, info, endpoint, timeout_s, retries, stats, should_stop)
         t0 = time.monotonic()
         blob = puller.chunks(puller.meta(), window)
         stats.transfer_s = time.monotonic() - t0

@@ -17,7 +17,7 @@ from safetensors.torch import save as safetensors_save
 
 from editrl.common.security import generate_layout
 from editrl.common.weights import publish_file
-from editrl.common.weights_fetch import FetchStats, fetch_stream, load_weights
+from editrl.common.weights_fetch import FetchStats, FetchStopped, fetch_stream, load_weights
 from editrl.common.weights_stream import (
     MAX_REQUEST_BYTES,
     MIN_CHUNK_BYTES,
@@ -224,6 +224,18 @@ def test_stopped_server_times_out_within_the_configured_time():
     assert (retries + 1) * timeout_s * 0.9 <= elapsed < (retries + 1) * timeout_s + 1.0
     with pytest.raises(RuntimeError, match="not running"):
         server.publish(2, make_state_dict(), "full")
+
+
+def test_a_stopping_process_abandons_the_fetch_at_once():
+    """An actor told to stop while the weight server is gone does not sit out its retries (the supervisor would
+    SIGKILL it after its grace period): the fetch ends within 0.1 s of should_stop turning true."""
+    server = WeightServer(chunk_size=SMALL_CHUNK)
+    info = server.publish(1, make_state_dict(), "full")
+    server.close()
+    t0 = time.monotonic()
+    with pytest.raises(FetchStopped):
+        fetch_stream(info, timeout_s=5.0, retries=3, should_stop=lambda: time.monotonic() - t0 > 0.3)
+    assert time.monotonic() - t0 < 1.0  # not (3 + 1) x 5 s
 
 
 def test_curve_round_trip(tmp_path):
