@@ -38,7 +38,9 @@ def test_check_scores_a_known_workload_through_the_live_pool(tmp_path, quickstar
         assert summary["images_per_s"] > 0 and summary["latency_p95_s"] >= summary["latency_p50_s"]
         scorer.terminate()
         scorer.wait(timeout=30)
-        time.sleep(6)  # past the scorer liveness: the broker has no scorer left
+        deadline = time.monotonic() + 30  # past the scorer liveness (timers.scorer_liveness_s): no scorer left
+        while "scorer_dead" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
         proc = subprocess.run([*EDITRL, "check", str(topo), "--groups", "1", "--timeout", "3"], capture_output=True,
                               text=True, timeout=120, env={**env})  # fmt: skip
     finally:
