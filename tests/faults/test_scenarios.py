@@ -1,20 +1,36 @@
 """Fault scenarios on real processes (`editrl up` on 127.0.0.1), each killed or stopped by pid, each ending with
-lost = 0 and duplicated = 0 over the recorded history (see harness.py for the classes)."""
+lost = 0 and duplicated = 0 over the recorded history (see harness.py for the classes).
+
+Faults of one kind share a run where one does not mask the other (scenarios share a topology: every `editrl up`
+costs ~7 s of start-up on 2 cores): a killed scorer then a stuck one; a stopped learner then a killed one; a full LMDB
+map then a full disk. A shared run is a module fixture that injects the faults in order and records what each test
+then checks; each test still asserts its own events and the clean history of the whole run."""
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from editrl.common import wire
 
-from .harness import FaultRun
+from .harness import FaultRun, Verdict
 
 pytestmark = pytest.mark.faults
 
 STEPS = 12
+
+
+def _start(tmp_path, model_dir, tasks, max_steps: int = STEPS, **sections) -> FaultRun:
+    sections.setdefault("learner", {})
+    sections["learner"] = {"checkpoint_every": 3, **sections["learner"]}
+    return FaultRun(tmp_path, model_dir, tasks, max_steps, **sections).start()
 
 
 @pytest.fixture
@@ -22,15 +38,19 @@ def fault_run(tmp_path, tiny_model_dir, quickstart_tasks):
     runs: list[FaultRun] = []
 
     def make(max_steps: int = STEPS, **sections) -> FaultRun:
-        sections.setdefault("learner", {})
-        sections["learner"] = {"checkpoint_every": 3, **sections["learner"]}
-        run = FaultRun(tmp_path, tiny_model_dir, quickstart_tasks, max_steps, **sections)
-        runs.append(run)
-        return run.start()
+        runs.append(_start(tmp_path, tiny_model_dir, quickstart_tasks, max_steps, **sections))
+        return runs[-1]
 
     yield make
     for run in runs:
         run.abort()
+
+
+@dataclass
+class SharedRun:
+    run: FaultRun
+    verdict: Verdict
+    seen: dict[str, Any] = field(default_factory=dict)  # what the fixture observed while the faults were on
 
 
 def _assert_clean(verdict, steps: int = STEPS) -> None:
@@ -46,15 +66,51 @@ def _hold_a_job(run: FaultRun, name: str) -> None:
     run.wait_for(lambda: run.status()["queue/jobs_inflight"] >= 1, 30, f"a job in flight on stopped {name}")
 
 
-def test_kill_scorer_mid_job(fault_run):
-    run = fault_run(scorers={"count": 1})
-    run.wait_steps(3)
-    _hold_a_job(run, "scorer-0")
-    run.kill("scorer-0", signal.SIGKILL)  # dies holding the job: the broker requeues it; `up` restarts the scorer
-    verdict = run.finish()
-    _assert_clean(verdict)
-    assert run.events("broker-*", "score_requeued"), "the dead scorer's job was never requeued"
+# -- scorers: kill -9 one holding a job, then a scorer that heartbeats but never answers (one run) -----------------
+
+SCORER_STEPS = 30  # the stuck scorer delays the groups it holds by a deadline each: room before the run ends
+
+
+@pytest.fixture(scope="module")
+def scorer_faults(tmp_path_factory, tiny_model_dir, quickstart_tasks):
+    run = _start(tmp_path_factory.mktemp("scorer_faults"), tiny_model_dir, quickstart_tasks, SCORER_STEPS,
+                 scorers={"count": 1}, broker={"score_deadline_s": 2.0})  # fmt: skip
+    stuck = None
+    try:
+        run.wait_steps(3)
+        _hold_a_job(run, "scorer-0")
+        run.kill("scorer-0", signal.SIGKILL)  # dies holding the job: the broker requeues it; `up` restarts the scorer
+        run.wait_for(lambda: run.events("broker-*", "score_requeued"), 30, "the dead scorer's job to be requeued")
+        run.wait_steps(run.steps() + 2)  # the restarted scorer scores again
+        stuck = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("stuck_scorer.py")), run.status_endpoint(), "scorer-stuck"]
+        )
+        run.wait_for(lambda: run.events("broker-*", "scorer_quarantined"), 60, "scorer-stuck to be quarantined")
+        assert run.steps() < SCORER_STEPS, "the run ended before the stuck scorer was quarantined"
+        yield SharedRun(run, run.finish())
+    finally:
+        if stuck is not None:
+            stuck.kill()
+            stuck.wait()
+        run.abort()
+
+
+def test_kill_scorer_mid_job(scorer_faults):
+    run, verdict = scorer_faults.run, scorer_faults.verdict
+    _assert_clean(verdict, steps=SCORER_STEPS)
+    assert [e for e in run.events("broker-*", "score_requeued") if e.get("reason") != "unscored"], (
+        "the dead scorer's job was never requeued"
+    )
+    assert len(run.events("scorer-0", "scorer_started")) == 2  # `up` restarted it
     assert verdict.recovered
+
+
+def test_scorer_that_heartbeats_but_never_answers_is_quarantined(scorer_faults):
+    run = scorer_faults.run
+    _assert_clean(scorer_faults.verdict, steps=SCORER_STEPS)
+    quarantined = run.events("broker-*", "scorer_quarantined")
+    assert quarantined[0]["worker_id"] == "scorer-stuck" and quarantined[0]["misses"] >= wire.QUARANTINE_AFTER_MISSES
+    assert [e for e in run.events("broker-*", "score_requeued") if e.get("reason") == "deadline"]
 
 
 def test_stopped_scorer_past_liveness_then_resumed_sends_a_late_duplicate(fault_run):
@@ -69,29 +125,6 @@ def test_stopped_scorer_past_liveness_then_resumed_sends_a_late_duplicate(fault_
     _assert_clean(verdict, steps=steps)
     # its late result either completed the requeued group first or was recognised as a duplicate
     assert run.events("broker-*", "score_result_duplicate") or verdict.recovered
-
-
-def test_scorer_that_heartbeats_but_never_answers_is_quarantined(fault_run, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    steps = 25
-    run = fault_run(max_steps=steps, scorers={"count": 1}, broker={"score_deadline_s": 1.0})
-    run.wait_steps(1)
-    stuck = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("stuck_scorer.py")), run.status_endpoint(), "scorer-stuck"]
-    )
-    try:
-        run.wait_for(lambda: run.events("broker-*", "scorer_quarantined"), 60, "scorer-stuck to be quarantined")
-        assert run.steps() < steps, "the run ended before the stuck scorer was quarantined"
-        verdict = run.finish()
-    finally:
-        stuck.kill()
-        stuck.wait()
-    _assert_clean(verdict, steps=steps)
-    assert run.events("broker-*", "scorer_quarantined")[0]["misses"] >= wire.QUARANTINE_AFTER_MISSES
-    assert [e for e in run.events("broker-*", "score_requeued") if e.get("reason") == "deadline"]
 
 
 def test_kill_actor_mid_group(fault_run):
@@ -111,14 +144,43 @@ def test_kill_actor_mid_group(fault_run):
     _assert_clean(run.finish(), steps=steps)
 
 
-def test_kill_learner_mid_step_resumes_exactly(fault_run):
-    run = fault_run(max_steps=STEPS)
-    run.wait_steps(5)
-    run.kill("learner-0", signal.SIGKILL)  # the torchrun worker; `up` restarts torchrun, which resumes from DCP
-    verdict = run.finish()
-    _assert_clean(verdict)
-    resumed = run.events("learner-*", "checkpoint_resumed")
-    assert resumed and resumed[0]["step"] in (3, 6)
+# -- the learner: SIGSTOP (back-pressure), SIGCONT, then kill -9 mid-step (one run, two actors) ---------------------
+
+
+@pytest.fixture(scope="module")
+def learner_faults(tmp_path_factory, tiny_model_dir, quickstart_tasks):
+    run = _start(tmp_path_factory.mktemp("learner_faults"), tiny_model_dir, quickstart_tasks, actors={"count": 2})
+    try:
+        run.wait_steps(3)
+        run.kill("learner-0", signal.SIGSTOP)
+        # saturated: every lease granted before the stop came back as a group, and actors are being told to wait
+        waits = run.status()["lease_waits"]
+        run.wait_for(lambda: (s := run.status())["leases"] == 0 and s["lease_waits"] > waits + 4, 30, "actors to wait")
+        first = run.status()
+        time.sleep(3)  # actors ask for a lease every Wait (0.2 s): ~15 refusals each
+        second = run.status()
+        run.kill("learner-0", signal.SIGCONT)
+        run.wait_steps(5)
+        run.kill("learner-0", signal.SIGKILL)  # the torchrun worker; `up` restarts torchrun, which resumes from DCP
+        yield SharedRun(run, run.finish(), {"first": first, "second": second})
+    finally:
+        run.abort()
+
+
+def test_stopped_learner_makes_actors_wait_with_bounded_work(learner_faults):
+    first, second = learner_faults.seen["first"], learner_faults.seen["second"]
+    # admission control: nothing new is generated while the learner is stopped; actors are told to wait
+    assert second["ingested"] == first["ingested"]
+    budget = (1 + 1 + second["learner_step"]) * 4
+    assert second["ingested"] + second["leases"] <= budget
+    assert second["lease_waits"] > first["lease_waits"]
+    _assert_clean(learner_faults.verdict)
+
+
+def test_kill_learner_mid_step_resumes_exactly(learner_faults):
+    _assert_clean(learner_faults.verdict)
+    resumed = learner_faults.run.events("learner-*", "checkpoint_resumed")
+    assert resumed and resumed[0]["step"] in (3, 6)  # killed at step 5 or 6, checkpoints every 3
 
 
 def test_kill_broker_with_work_in_flight(fault_run):
@@ -131,48 +193,38 @@ def test_kill_broker_with_work_in_flight(fault_run):
     assert len(starts) == 2
 
 
-def test_stopped_learner_makes_actors_wait_with_bounded_work(fault_run):
-    run = fault_run(actors={"count": 2})
-    run.wait_steps(3)
-    run.kill("learner-0", signal.SIGSTOP)
-    # saturated: every lease granted before the stop came back as a group, and actors are being told to wait
-    waits = run.status()["lease_waits"]
-    run.wait_for(lambda: (s := run.status())["leases"] == 0 and s["lease_waits"] > waits + 4, 30, "actors to wait")
-    first = run.status()
-    time.sleep(3)  # actors ask for a lease every Wait (0.2 s): ~15 refusals each
-    second = run.status()
-    # admission control: nothing new is generated while the learner is stopped; actors are told to wait
-    assert second["ingested"] == first["ingested"]
-    budget = (1 + 1 + second["learner_step"]) * 4
-    assert second["ingested"] + second["leases"] <= budget
-    assert second["lease_waits"] > first["lease_waits"]
-    run.kill("learner-0", signal.SIGCONT)
-    _assert_clean(run.finish())
+# -- storage: a 64 KiB initial LMDB map that must grow, then a full disk (one run) ----------------------------------
 
 
-def test_lmdb_map_full_grows_and_loses_nothing(fault_run):
-    run = fault_run(broker={"map_size_bytes": 64 * 1024})
-    verdict = run.finish()
-    _assert_clean(verdict)
-    assert run.events("broker-*", "replay_map_resized")
-
-
-def test_disk_full_stops_acknowledging_then_recovers(fault_run):
+@pytest.fixture(scope="module")
+def storage_faults(tmp_path_factory, tiny_model_dir, quickstart_tasks):
     import resource
 
-    run = fault_run(actors={"count": 1})
-    run.wait_steps(2)
-    pid = run.pid("broker-0")
-    data = run.run_dir / "replay.lmdb" / "data.mdb"
-    size = data.stat().st_size
-    hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)[1]
-    resource.prlimit(pid, resource.RLIMIT_FSIZE, (size, hard))  # the disk is "full" at the current size
-    run.wait_for(lambda: run.events("broker-*", "storage_write_failed"), 60, "a failed commit")
-    failures = run.status()["storage_failures"]
-    # still refusing (commits that need to grow the file fail), and clients keep retrying
-    run.wait_for(lambda: run.status()["storage_failures"] > failures, 30, "further refused commits")
-    resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))  # space returns
-    run.wait_for(lambda: run.events("broker-*", "storage_recovered"), 60, "the broker to recover")
-    verdict = run.finish()
-    _assert_clean(verdict)
-    assert run.events("actor-*", "group_not_acknowledged")
+    run = _start(tmp_path_factory.mktemp("storage_faults"), tiny_model_dir, quickstart_tasks,
+                 actors={"count": 1}, broker={"map_size_bytes": 64 * 1024})  # fmt: skip
+    try:
+        run.wait_steps(2)
+        pid = run.pid("broker-0")
+        data = run.run_dir / "replay.lmdb" / "data.mdb"
+        size = data.stat().st_size
+        hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)[1]
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (size, hard))  # the disk is "full" at the current size
+        run.wait_for(lambda: run.events("broker-*", "storage_write_failed"), 60, "a failed commit")
+        failures = run.status()["storage_failures"]
+        # still refusing (commits that need to grow the file fail), and clients keep retrying
+        run.wait_for(lambda: run.status()["storage_failures"] > failures, 30, "further refused commits")
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))  # space returns
+        run.wait_for(lambda: run.events("broker-*", "storage_recovered"), 60, "the broker to recover")
+        yield SharedRun(run, run.finish())
+    finally:
+        run.abort()
+
+
+def test_lmdb_map_full_grows_and_loses_nothing(storage_faults):
+    _assert_clean(storage_faults.verdict)
+    assert storage_faults.run.events("broker-*", "replay_map_resized")
+
+
+def test_disk_full_stops_acknowledging_then_recovers(storage_faults):
+    _assert_clean(storage_faults.verdict)
+    assert storage_faults.run.events("actor-*", "group_not_acknowledged")
