@@ -20,7 +20,7 @@ setup:
 
 demo: setup
 	rm -rf runs/quickstart  # a fresh run each time (`editrl up` alone resumes a stopped run)
-	$(PYTHON) -m editrl.common.cli up configs/quickstart.yaml --max-steps $(DEMO_STEPS)
+	$(PYTHON) -m editrl.scripts.cli up configs/quickstart.yaml --max-steps $(DEMO_STEPS)
 	$(PYTHON) scripts/summarize_run.py runs/quickstart
 
 test: setup

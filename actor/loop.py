@@ -10,12 +10,12 @@ import zmq
 
 from editrl.common import wire
 from editrl.common.config import TopologyConfig
-from editrl.common.family import load_policy, rollout_message
-from editrl.common.flow import load_lora_state_dict
+from editrl.common.families.base import load_policy, rollout_message
+from editrl.common.lora import load_lora_state_dict
 from editrl.common.net import BrokerClient, new_id
 from editrl.common.tasks import MissingImageError, Task, load_source_image
-from editrl.common.weights_fetch import FetchStopped, load_weights
-from editrl.common.weights_stream import WeightsVersionGone
+from editrl.common.weights.stream_client import FetchStopped, load_weights
+from editrl.common.weights.stream_server import WeightsVersionGone
 
 
 class Actor:

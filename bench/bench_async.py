@@ -41,7 +41,7 @@ def _topology(root: Path, eta: int, model: Path, tasks: Path, port: int) -> Path
 def run(eta: int, steps: int, warmup: int, window: int, root: Path, model: Path, tasks: Path, port: int) -> dict:
     topo = _topology(root, eta, model, tasks, port)
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "editrl.common.cli", "up", str(topo), "--max-steps", str(steps)],
+    proc = subprocess.run([sys.executable, "-m", "editrl.scripts.cli", "up", str(topo), "--max-steps", str(steps)],
                           capture_output=True, text=True)  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"eta={eta} run failed:\n{proc.stderr[-2000:]}")
@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps, args.warmup, args.window = 8, 2, 2
 
-    from editrl.common.supervisor import free_local_port as free_port
+    from editrl.common.families.tiny.flux_kontext import build_tiny_flux_kontext
+    from editrl.common.net import free_local_port as free_port
     from editrl.common.tasks import make_quickstart_tasks
-    from editrl.common.tiny import build_tiny_flux_kontext
 
     root = Path(tempfile.mkdtemp(prefix="editrl-bench-async-"))
     model = build_tiny_flux_kontext(root / "model", seed=0)

@@ -1,6 +1,6 @@
 """Scorer throughput: several groups per judge call (``score_many``) vs one group per call, same judge, same run.
 
-The judge is the tiny random-weight Qwen2.5-VL built locally (``editrl.common.tiny_vlm``) behind the real
+The judge is the tiny random-weight Qwen2.5-VL built locally (``editrl.common.families.tiny.qwen2_5_vl``) behind the real
 transformers engine and the VIEScore ``vlm`` backend; its replies are garbage, so every edit comes back unscored
 (that is the point of a random judge) — the benchmark measures the cost of asking, which is what batching changes.
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from editrl.common.tiny_vlm import build_tiny_qwen2_5_vl
+    from editrl.common.families.tiny.qwen2_5_vl import build_tiny_qwen2_5_vl
     from editrl.scorer.backend import ScoreRequest
     from editrl.scorer.engines.hf import TransformersEngine
     from editrl.scorer.vlm import VLMBackend

@@ -108,8 +108,8 @@ def actor_main() -> int:
 
     torch.set_num_threads(1)
     _quiet_logs()
-    from editrl.common.weights_fetch import FetchStats, load_weights
-    from editrl.common.weights_stream import STREAM_SCHEME
+    from editrl.common.weights.stream_client import FetchStats, load_weights
+    from editrl.common.weights.stream_server import STREAM_SCHEME
     from editrl.common.wire import WeightsInfo
 
     print("READY", flush=True)
@@ -216,7 +216,7 @@ def _timed(publish: Any, actors: Actors, expect_bytes: int) -> dict[str, float]:
 
 
 def bench_file(tensors: dict[str, Any], actors: Actors, weights_dir: Path, version: int, nbytes: int) -> dict:
-    from editrl.common.weights import publish_file
+    from editrl.common.weights.file import publish_file
 
     try:
         return _timed(lambda: publish_file(weights_dir, version, tensors, "full"), actors, nbytes)
@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     _quiet_logs()
-    from editrl.common.weights_stream import WeightServer, payload_bytes
+    from editrl.common.weights.stream_server import WeightServer, payload_bytes
 
     tensors = make_tensors(args.params)
     n_params = sum(t.numel() for t in tensors.values())

@@ -9,6 +9,7 @@ idempotent by id, so a resend after a lost reply is harmless. Replies for older 
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from typing import Any
@@ -27,6 +28,13 @@ def harden(sock: zmq.Socket, hwm: int = 1000) -> zmq.Socket:
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     return sock
+
+
+def free_local_port() -> int:
+    """A port nobody listens on right now (the kernel's pick; torchrun binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def new_id() -> str:

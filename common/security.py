@@ -46,12 +46,9 @@ from __future__ import annotations
 import collections
 import errno
 import logging
-import os
-import shutil
 import stat
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +60,8 @@ from zmq.utils.monitor import recv_monitor_message
 __all__ = [
     "HandshakeError",
     "HandshakeWatch",
-    "KeyLayout",
     "SecurityConfig",
     "ServerWatch",
-    "generate_keys",
-    "generate_layout",
     "secure_client",
     "secure_server",
 ]
@@ -104,12 +98,13 @@ _ZAP_STATUS = {
 
 @dataclass
 class SecurityConfig:
-    """The ``security`` section of the topology file. All paths are certificate files written by :func:`generate_keys`.
+    """The ``security`` section of the topology file. All paths are certificate files written by
+    :func:`editrl.common.keys.generate_keys`.
 
     With ``curve: false`` (the default) nothing is checked and every function here is a no-op.
     """
 
-    curve: bool = False
+    curve: bool = False  # CURVE encryption and the client allowlist on every socket (multi-host)
     server_public_key: str = ""  # broker's public cert: every process needs it
     server_secret_key: str = ""  # broker's secret cert (mode 0600): the broker only
     client_public_key: str = ""  # this process's public cert: clients only
@@ -192,84 +187,6 @@ def _allowlist(path: str) -> int:
     if n == 0:
         raise ValueError(f"security.allowed_clients_dir: no client public keys (*.key) in {path}")
     return n
-
-
-# -- key generation -----------------------------------------------------------------------------------------------
-
-
-def generate_keys(out_dir: str | Path, names: list[str], overwrite: bool = False) -> dict[str, tuple[Path, Path]]:
-    """Write ``NAME.key`` (public, 0644) and ``NAME.key_secret`` (secret, 0600) for each name; return the paths.
-
-    Files are created in a private temporary directory and moved in, so a secret is never group/other-readable,
-    not even briefly. Raises ``FileExistsError`` rather than replace an existing key (replacing the server's key
-    locks every client out) unless ``overwrite``; ``ValueError`` for a name that is not a plain file name.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        if not name or name in (".", "..") or "/" in name or os.sep in name:
-            raise ValueError(f"key name must be a plain file name, got {name!r}")
-        for suffix in (".key", ".key_secret"):
-            if (out / f"{name}{suffix}").exists() and not overwrite:
-                raise FileExistsError(f"{out / (name + suffix)} exists (refusing to replace a key)")
-    result: dict[str, tuple[Path, Path]] = {}
-    tmp = Path(tempfile.mkdtemp(prefix=".keygen-", dir=out))  # mode 0700
-    try:
-        for name in names:
-            pub_tmp, sec_tmp = (Path(p) for p in zmq.auth.create_certificates(tmp, name))
-            os.chmod(sec_tmp, 0o600)
-            os.chmod(pub_tmp, 0o644)
-            pub, sec = out / pub_tmp.name, out / sec_tmp.name
-            os.replace(sec_tmp, sec)
-            os.replace(pub_tmp, pub)
-            result[name] = (pub, sec)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return result
-
-
-@dataclass
-class KeyLayout:
-    """A ready-to-use key directory: ``server.key*``, ``clients/NAME.key*`` and ``allowed/NAME.key``."""
-
-    root: Path
-    server: tuple[Path, Path]
-    clients: dict[str, tuple[Path, Path]] = field(default_factory=dict)
-
-    @property
-    def allowed_dir(self) -> Path:
-        return self.root / "allowed"
-
-    def broker_config(self) -> SecurityConfig:
-        return SecurityConfig(
-            curve=True,
-            server_public_key=str(self.server[0]),
-            server_secret_key=str(self.server[1]),
-            allowed_clients_dir=str(self.allowed_dir),
-        )
-
-    def client_config(self, name: str) -> SecurityConfig:
-        pub, sec = self.clients[name]
-        return SecurityConfig(
-            curve=True, server_public_key=str(self.server[0]), client_public_key=str(pub), client_secret_key=str(sec)
-        )
-
-
-def generate_layout(out_dir: str | Path, client_names: list[str], overwrite: bool = False) -> KeyLayout:
-    """Create ``out_dir/server.key*``, ``out_dir/clients/NAME.key*`` and the allowlist ``out_dir/allowed/NAME.key``
-    (copies of the client public keys). ``clients/`` is made mode 0700. Same errors as :func:`generate_keys`.
-    """
-    root = Path(out_dir)
-    server = generate_keys(root, ["server"], overwrite=overwrite)["server"]
-    clients_dir, allowed = root / "clients", root / "allowed"
-    clients_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(clients_dir, 0o700)
-    allowed.mkdir(parents=True, exist_ok=True)
-    clients = generate_keys(clients_dir, client_names, overwrite=overwrite)
-    for pub, _ in clients.values():
-        shutil.copyfile(pub, allowed / pub.name)
-        os.chmod(allowed / pub.name, 0o644)
-    return KeyLayout(root=root, server=server, clients=clients)
 
 
 # -- sockets ------------------------------------------------------------------------------------------------------

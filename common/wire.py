@@ -30,7 +30,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-FAMILIES = ("flow", "ddim", "ar")  # editor families (see editrl.common.family)
+FAMILIES = ("flow", "ddim", "ar")  # editor families (see editrl.common.families.base)
 PROTOCOL_VERSION = 2  # 2: family-agnostic RolloutGroup (family, traj, params)
 
 # Safety limits: the single source of truth; tests import these instead of repeating numbers.
@@ -111,7 +111,7 @@ class Wait:
 class RolloutGroup:
     """actor → broker: G edits of one (instruction, source image) with what the learner needs to recompute log-probs.
 
-    Family-agnostic (see :mod:`editrl.common.family`): ``traj`` holds per-sample arrays with a leading G axis
+    Family-agnostic (see :mod:`editrl.common.families.base`): ``traj`` holds per-sample arrays with a leading G axis
     (flow/ddim latents, AR tokens, an optional ``unit_mask``), ``log_probs`` the behaviour log-prob of each of the
     S trained units, ``cond`` the per-group conditioning stored once, ``params`` the plain sampler settings.
     """

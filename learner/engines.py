@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from editrl.common.flow import lora_key
+from editrl.common.lora import lora_key
 
 ENGINES = ("fsdp2", "deepspeed")
 

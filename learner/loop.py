@@ -3,7 +3,7 @@ maybe publish``.
 
 Each torchrun rank requests its own complete groups from the broker, none older than η versions (older ones are
 dropped there, counted). The model is the policy's trained module (a flow transformer, a DDIM UNet or an AR decoder;
-see :mod:`editrl.common.family`) with LoRA adapters, sharded by the training engine (FSDP2 or DeepSpeed ZeRO-3, see
+see :mod:`editrl.common.families.base`) with LoRA adapters, sharded by the training engine (FSDP2 or DeepSpeed ZeRO-3, see
 :mod:`editrl.learner.engines`). Every rank runs the same number of forward/backward passes per step (zero-variance
 groups are still run with zero advantage when world size > 1, and the prox bypass is decided for all ranks at once)
 so the collectives stay aligned.
@@ -32,9 +32,9 @@ import zmq
 
 from editrl.common import wire
 from editrl.common.config import TopologyConfig
-from editrl.common.family import load_policy
+from editrl.common.families.base import load_policy
 from editrl.common.net import BrokerClient, new_id
-from editrl.common.weights_stream import FilePublisher, WeightServer
+from editrl.common.weights.stream_server import FilePublisher, WeightServer
 from editrl.learner.engines import DeepSpeedEngine, FSDP2Engine, TrainEngine, is_lora_key
 from editrl.learner.update import Updater
 

@@ -12,7 +12,7 @@ import os
 
 def main(argv: list[str] | None = None) -> int:
     from editrl.common.entry import role_parser, run_guarded, start_role, stop_flag
-    from editrl.common.supervisor import free_local_port
+    from editrl.common.net import free_local_port
 
     parser = role_parser("learner", __doc__, with_id=False)
     parser.add_argument("--max-steps", type=int, default=None, help="override learner.max_steps")

@@ -14,8 +14,7 @@ Per unit, with ``r = exp(θ - prox)`` and the detached importance weight ``w = e
 where ``w'`` is ``w`` truncated at ``iw_cap`` (``iw_mode="truncate"``: ``min(w, cap)``) or masked beyond it
 (``iw_mode="mask"``: ``w`` if ``w <= cap`` else 0, so such units contribute nothing). The loss is the mean over the
 counted units (the normaliser is the original count, masked units included), the batch of samples and the units.
-With ``prox == behave`` (no lag), ``w = 1`` and this is exactly the plain clipped GRPO loss
-(:func:`editrl.learner.loss.clipped_policy_loss`).
+With ``prox == behave`` (no lag), ``w = 1`` and this is exactly Flow-GRPO's plain clipped loss.
 
 Optional KL to the reference policy (the same model with its LoRA adapters disabled), estimated per unit from the
 log-probs of the sampled units with Schulman's k3 estimator ``k3 = exp(ref - θ) - (ref - θ) - 1`` (non-negative,

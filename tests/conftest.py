@@ -15,7 +15,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     torch.set_num_threads(1)
-    from editrl.common.tiny import build_tiny_flux_kontext
+    from editrl.common.families.tiny.flux_kontext import build_tiny_flux_kontext
 
     return build_tiny_flux_kontext(tmp_path_factory.mktemp("tiny_flux_kontext"), seed=0)
 
@@ -35,7 +35,7 @@ def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     torch.set_num_threads(1)
-    from editrl.common.tiny_vlm import build_tiny_qwen2_5_vl
+    from editrl.common.families.tiny.qwen2_5_vl import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), seed=0)
 
@@ -44,7 +44,7 @@ def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_ip2p_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random InstructPix2Pix pipeline (the ddim family) saved once per session."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from editrl.common.tiny_ip2p import build_tiny_instruct_pix2pix
+    from editrl.common.families.tiny.instruct_pix2pix import build_tiny_instruct_pix2pix
 
     return build_tiny_instruct_pix2pix(tmp_path_factory.mktemp("tiny_ip2p"), seed=0)
 
@@ -53,7 +53,7 @@ def tiny_ip2p_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_emu3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Emu3-style token editor (the ar family; text decoder + VQ-VAE) saved once per session."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from editrl.common.tiny_emu3 import build_tiny_emu3
+    from editrl.common.families.tiny.emu3 import build_tiny_emu3
 
     return build_tiny_emu3(tmp_path_factory.mktemp("tiny_emu3"), seed=0)
 
@@ -62,7 +62,7 @@ def tiny_emu3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_qwen_edit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Qwen-Image-Edit pipeline (flow family, true CFG) saved once per session."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from editrl.common.tiny_qwen_edit import build_tiny_qwen_image_edit
+    from editrl.common.families.tiny.qwen_image_edit import build_tiny_qwen_image_edit
 
     return build_tiny_qwen_image_edit(tmp_path_factory.mktemp("tiny_qwen_edit"), seed=0)
 
@@ -74,6 +74,6 @@ def tiny_model_f64_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     torch.set_num_threads(1)
-    from editrl.common.tiny import build_tiny_flux_kontext
+    from editrl.common.families.tiny.flux_kontext import build_tiny_flux_kontext
 
     return build_tiny_flux_kontext(tmp_path_factory.mktemp("tiny_flux_kontext_f64"), seed=0, dtype="float64")

@@ -108,7 +108,7 @@ class FaultRun:
 
     def start(self) -> FaultRun:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "editrl.common.cli", "up", str(self.topo), "--max-steps", str(self.max_steps)],
+            [sys.executable, "-m", "editrl.scripts.cli", "up", str(self.topo), "--max-steps", str(self.max_steps)],
             stdout=self.out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         return self

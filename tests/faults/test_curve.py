@@ -17,14 +17,12 @@ import pytest
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from editrl.common.keys import KeyLayout, generate_keys, generate_layout
 from editrl.common.security import (
     HandshakeError,
     HandshakeWatch,
-    KeyLayout,
     SecurityConfig,
     ServerWatch,
-    generate_keys,
-    generate_layout,
     secure_client,
     secure_server,
 )

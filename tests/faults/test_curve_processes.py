@@ -17,7 +17,7 @@ import yaml
 from ..integration.conftest import free_port
 
 pytestmark = pytest.mark.faults
-EDITRL = [sys.executable, "-m", "editrl.common.cli"]
+EDITRL = [sys.executable, "-m", "editrl.scripts.cli"]
 
 
 def _topology(path: Path, base: dict, security: dict) -> Path:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from editrl.common import bon, evaluate
+from editrl.scripts import bon, evaluate
 
 from .conftest import write_topology
 
-EDITRL = [sys.executable, "-m", "editrl.common.cli"]
+EDITRL = [sys.executable, "-m", "editrl.scripts.cli"]
 SCORED_TASKS = ("quickstart-0000", "quickstart-0001", "quickstart-0003", "quickstart-0004")  # red blue darker brighter
 UNSCORABLE = "shiny-0000"  # the metric judge has no target for "shiny": every edit of it is unscored
 
@@ -171,9 +171,9 @@ def test_eval_of_a_published_checkpoint(pool):
     from safetensors.torch import save_file
 
     from editrl.common.config import load_config
-    from editrl.common.family import load_policy
-    from editrl.common.flow import lora_state_dict
-    from editrl.common.weights import DONE_FILE, publish_file
+    from editrl.common.families.base import load_policy
+    from editrl.common.lora import lora_state_dict
+    from editrl.common.weights.file import DONE_FILE, publish_file
 
     tmp, topo, task_file = pool
     learner = load_policy(load_config(topo).policy, with_pipeline=False)

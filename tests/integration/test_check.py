@@ -13,7 +13,7 @@ from editrl.broker.store import ReplayStore
 
 from .conftest import write_topology
 
-EDITRL = [sys.executable, "-m", "editrl.common.cli"]
+EDITRL = [sys.executable, "-m", "editrl.scripts.cli"]
 
 
 def _start(role: str, topo, env) -> subprocess.Popen:

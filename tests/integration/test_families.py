@@ -19,7 +19,7 @@ def _run(tmp_path, model_dir, tasks, policy: dict, steps: int = 2, learner: dict
     raw["policy"].update(policy)
     raw["policy"]["sampler"].update(policy.get("sampler", {}))
     topo.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-m", "editrl.common.cli", "up", str(topo), "--max-steps", str(steps)],
+    proc = subprocess.run([sys.executable, "-m", "editrl.scripts.cli", "up", str(topo), "--max-steps", str(steps)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_jsonl(tmp_path / "run/metrics.jsonl")

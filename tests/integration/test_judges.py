@@ -29,7 +29,7 @@ def test_random_vlm_judge_groups_are_requeued_once_then_dropped_and_counted(
         tmp_path, tiny_model_dir, quickstart_tasks,
         scorers={"backend": "vlm", "options": judge, "batch": 2}, data={"group_size": 4},
     )  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "editrl.common.cli", "up", str(topo)],
+    proc = subprocess.Popen([sys.executable, "-m", "editrl.scripts.cli", "up", str(topo)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     log = tmp_path / "run/logs/broker-0.jsonl"
     try:
@@ -39,7 +39,7 @@ def test_random_vlm_judge_groups_are_requeued_once_then_dropped_and_counted(
                 break
             assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else ""
             time.sleep(0.5)
-        status = subprocess.run([sys.executable, "-m", "editrl.common.cli", "status", str(topo), "--json"],
+        status = subprocess.run([sys.executable, "-m", "editrl.scripts.cli", "status", str(topo), "--json"],
                                 capture_output=True, text=True, timeout=60)  # fmt: skip
         counters = json.loads(status.stdout)["counters"]
         assert counters["dropped_unscorable"] >= 3 and counters["unscored_requeued"] >= counters["dropped_unscorable"]

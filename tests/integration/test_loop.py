@@ -24,7 +24,7 @@ STEPS = 80  # reward, mean of the first 20 steps -> of the last 20: +1.99 here a
 def test_up_runs_learns_and_loses_nothing(tmp_path, tiny_model_dir, quickstart_tasks):
     topo = write_topology(tmp_path, tiny_model_dir, quickstart_tasks, actors={"count": 2})
     proc = subprocess.run(
-        [sys.executable, "-m", "editrl.common.cli", "up", str(topo), "--max-steps", str(STEPS)],
+        [sys.executable, "-m", "editrl.scripts.cli", "up", str(topo), "--max-steps", str(STEPS)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -89,7 +89,7 @@ def test_two_rank_fsdp2_learner_recomputes_exactly_and_skips_missing_images(tmp_
     tasks.write_text("".join(json.dumps(r) + "\n" for r in rows))
     topo = write_topology(tmp_path, tiny_model_dir, tasks, learner={"nproc": 2, "groups_per_step": 4})
     proc = subprocess.run(
-        [sys.executable, "-m", "editrl.common.cli", "up", str(topo), "--max-steps", "6"],
+        [sys.executable, "-m", "editrl.scripts.cli", "up", str(topo), "--max-steps", "6"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -108,7 +108,7 @@ def test_restart_resumes_learner_broker_and_actor_state(tmp_path, tiny_model_dir
     """A second `editrl up` on the same run dir continues: learner step/version from its DCP checkpoint, weight
     version and task cursor from the broker's LMDB, actors start on the latest published weights."""
     topo = write_topology(tmp_path, tiny_model_dir, quickstart_tasks, learner={"checkpoint_every": 4})
-    cmd = [sys.executable, "-m", "editrl.common.cli", "up", str(topo), "--max-steps"]
+    cmd = [sys.executable, "-m", "editrl.scripts.cli", "up", str(topo), "--max-steps"]
     first = subprocess.run([*cmd, "4"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     run = tmp_path / "run"
@@ -141,7 +141,7 @@ def test_ctrl_c_stops_every_process(tmp_path, tiny_model_dir, quickstart_tasks):
 
     topo = write_topology(tmp_path, tiny_model_dir, quickstart_tasks)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "editrl.common.cli", "up", str(topo)],
+        [sys.executable, "-m", "editrl.scripts.cli", "up", str(topo)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     metrics = tmp_path / "run/metrics.jsonl"
@@ -150,7 +150,7 @@ def test_ctrl_c_stops_every_process(tmp_path, tiny_model_dir, quickstart_tasks):
         time.sleep(0.5)
     assert metrics.exists(), "the learner never reported a step"
     # `editrl status` while it runs: every process has a row, with numbers the broker really saw
-    cli = [sys.executable, "-m", "editrl.common.cli", "status", str(topo)]
+    cli = [sys.executable, "-m", "editrl.scripts.cli", "status", str(topo)]
     snapshot = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=60).stdout)
     rows = {(r["role"], r["id"]): r for r in snapshot["processes"]}
     assert {("actor", "actor-0"), ("scorer", "scorer-0"), ("learner", "learner-0")} <= set(rows)
@@ -180,7 +180,7 @@ def test_crash_looping_learner_stops_the_run_and_says_why(tmp_path, tiny_model_d
         port = squatter.getsockname()[1]
         topo = write_topology(tmp_path, tiny_model_dir, quickstart_tasks, learner={"master_port": port})
         proc = subprocess.run(
-            [sys.executable, "-m", "editrl.common.cli", "up", str(topo), "--max-steps", "3"],
+            [sys.executable, "-m", "editrl.scripts.cli", "up", str(topo), "--max-steps", "3"],
             capture_output=True, text=True, timeout=180,
         )  # fmt: skip
     assert proc.returncode == 1
@@ -197,7 +197,7 @@ def test_stream_weight_transport_reaches_actors_without_a_shared_file_system(
     """learner.weights_transport: stream -- actors pull the LoRA over ZeroMQ from the learner; nothing is written under
     weights/, and every version the actor loaded came from a stream:// uri and verified."""
     topo = write_topology(tmp_path, tiny_model_dir, quickstart_tasks, learner={"weights_transport": "stream"})
-    proc = subprocess.run([sys.executable, "-m", "editrl.common.cli", "up", str(topo), "--max-steps", "4"],
+    proc = subprocess.run([sys.executable, "-m", "editrl.scripts.cli", "up", str(topo), "--max-steps", "4"],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
@@ -215,7 +215,7 @@ def test_deepspeed_zero3_engine_trains_on_two_ranks_and_resumes(tmp_path, tiny_m
     exact, weights are published, and a second run resumes from its (checksummed) DeepSpeed checkpoint."""
     learner = {"engine": "deepspeed", "nproc": 2, "groups_per_step": 4, "checkpoint_every": 2}
     topo = write_topology(tmp_path, tiny_model_dir, quickstart_tasks, learner=learner)
-    cmd = [sys.executable, "-m", "editrl.common.cli", "up", str(topo), "--max-steps"]
+    cmd = [sys.executable, "-m", "editrl.scripts.cli", "up", str(topo), "--max-steps"]
     first = subprocess.run([*cmd, "2"], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     run = tmp_path / "run"

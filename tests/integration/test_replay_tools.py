@@ -23,12 +23,12 @@ import pytest
 
 from editrl.broker.store import ReplayStore
 from editrl.common import wire
-from editrl.common.replay_tools import STATES
+from editrl.scripts.replay import STATES
 
 from .conftest import write_topology
 
-EDITRL = [sys.executable, "-m", "editrl.common.cli"]
-REPLAY_MODULE = [sys.executable, "-m", "editrl.common.replay_tools"]
+EDITRL = [sys.executable, "-m", "editrl.scripts.cli"]
+REPLAY_MODULE = [sys.executable, "-m", "editrl.scripts.replay"]
 STEPS = 3
 CAPACITY = 10  # < the >= STEPS * 4 groups the run ingests: the oldest (consumed) records are evicted, statuses kept
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -57,7 +57,7 @@ def viewer(request, tmp_path_factory, tiny_model_dir, quickstart_tasks) -> tuple
     """The real replay of test_replay_tools (built once per session) exported with plots into `<run>/viewer/`."""
     run = build_real_replay(request, tmp_path_factory, tiny_model_dir, quickstart_tasks)
     out = run.run_dir / "viewer"
-    replay([sys.executable, "-m", "editrl.common.replay_tools"], "export", run.run_dir, "--html", out, "--png")
+    replay([sys.executable, "-m", "editrl.scripts.replay"], "export", run.run_dir, "--html", out, "--png")
     return run, out / "index.html"
 
 

@@ -98,7 +98,7 @@ def test_cli_exits_at_start_up_naming_the_field(tmp_path):
     (tmp_path / "topo.yaml").write_text("policy: {model: /m}\ndata: {tasks: /t}\nlearner: {lr: fast}\n")
     for role in ("broker", "actor", "scorer", "learner"):
         proc = subprocess.run(
-            [sys.executable, "-m", "editrl.common.cli", role, "--config", str(tmp_path / "topo.yaml")],
+            [sys.executable, "-m", "editrl.scripts.cli", role, "--config", str(tmp_path / "topo.yaml")],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert proc.returncode == 2 and "learner.lr" in proc.stderr, (role, proc.stderr)
@@ -125,7 +125,7 @@ def test_up_rejects_bad_scorer_options_before_starting_anything(tmp_path, scorer
 
     topo = tmp_path / "topo.yaml"
     topo.write_text(yaml.safe_dump({**BASE, "run": {"dir": str(tmp_path / "run")}, "scorers": scorers}))
-    proc = subprocess.run([sys.executable, "-m", "editrl.common.cli", "up", str(topo)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "editrl.scripts.cli", "up", str(topo)], capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and message in proc.stderr and "scorers.options" in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing was started or written
@@ -147,7 +147,7 @@ def test_relative_judge_model_paths_resolve_against_the_yaml_and_hub_ids_stay(tm
 
 def test_float64_is_refused_for_pipelines_without_a_float64_path(tiny_ip2p_dir):
     from editrl.common.config import parse_config
-    from editrl.common.family import load_policy
+    from editrl.common.families.base import load_policy
 
     cfg = parse_config({"policy": {"model": str(tiny_ip2p_dir), "family": "ddim", "dtype": "float64"},
                         "data": {"tasks": "/t.jsonl"}})  # fmt: skip

@@ -1,4 +1,4 @@
-"""Tests for editrl.common.flow (Flow-GRPO SDE step, Kontext policy, LoRA helpers) on a tiny random model."""
+"""Tests for editrl.common.families.flow (Flow-GRPO SDE step, Kontext policy, LoRA helpers) on a tiny random model."""
 
 from __future__ import annotations
 
@@ -13,17 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from editrl.common.flow import (
-    FluxKontextPolicy,
-    GroupCondition,
-    LoraSpec,
-    add_lora,
-    flow_sde_step,
-    flux_schedule,
-    flux_velocity,
-    load_lora_state_dict,
-    lora_state_dict,
-)
+from editrl.common.families.flow import flow_sde_step
+from editrl.common.families.flux_kontext import FluxKontextPolicy, GroupCondition, flux_schedule, flux_velocity
+from editrl.common.lora import LoraSpec, add_lora, load_lora_state_dict, lora_state_dict
 
 torch.set_num_threads(1)
 
@@ -195,7 +187,7 @@ def _np_cps(x, v, sigma, sigma_next, a, prev):
 
 @pytest.mark.parametrize("sigma,sigma_next", [(1.0, 0.9), (0.9, 0.7), (0.5, 0.25), (0.2, 0.0)])
 def test_cps_step_matches_closed_form(sigma: float, sigma_next: float) -> None:
-    from editrl.common.flow import flow_cps_step
+    from editrl.common.families.flow import flow_cps_step
 
     g = torch.Generator().manual_seed(1)
     x, v = torch.randn(3, 16, 8, generator=g), torch.randn(3, 16, 8, generator=g)
@@ -215,7 +207,7 @@ def test_cps_step_matches_closed_form(sigma: float, sigma_next: float) -> None:
 def test_sde_window_rule() -> None:
     import random
 
-    from editrl.common.flow import sde_window
+    from editrl.common.families.flow import sde_window
 
     assert sde_window(6, 0, None, random.Random(0)) == (0, 5)  # no window: every step but the last
     starts = {sde_window(10, 2, None, random.Random(seed))[0] for seed in range(200)}
@@ -238,8 +230,8 @@ def test_sde_window_rule() -> None:
 def test_rollout_through_the_wire_recomputes_exactly(tiny_model_dir: Path, sampler: dict) -> None:
     """sample -> RolloutGroup encode/decode (the stored float32 tensors) -> recompute with the learner's load of the
     same weights: ratio exactly 1; window bookkeeping: e - s log-probs and e - s + 1 latents stored."""
-    from editrl.common.family import through_wire
-    from editrl.common.flow import FlowSampler
+    from editrl.common.families.base import through_wire
+    from editrl.common.families.flow import FlowSampler
 
     settings = {"num_steps": 4, "noise_level": 0.7, "guidance": 2.5, **sampler}
     spec = LoraSpec(rank=4, alpha=8)

@@ -1,4 +1,4 @@
-"""common/weights_stream.py (server) and common/weights_fetch.py (actor side) over real ZeroMQ sockets on 127.0.0.1: round trips, chunking, corruption, eviction,
+"""common/weights/stream_server.py (server) and common/weights/stream_client.py (actor side) over real ZeroMQ sockets on 127.0.0.1: round trips, chunking, corruption, eviction,
 malformed requests, a stopped server, CURVE, and the uri dispatch of load_weights."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import torch
 import zmq
 from safetensors.torch import save as safetensors_save
 
-from editrl.common.security import generate_layout
-from editrl.common.weights import publish_file
-from editrl.common.weights_fetch import FetchStats, FetchStopped, fetch_stream, load_weights
-from editrl.common.weights_stream import (
+from editrl.common.keys import generate_layout
+from editrl.common.weights.file import publish_file
+from editrl.common.weights.stream_client import FetchStats, FetchStopped, fetch_stream, load_weights
+from editrl.common.weights.stream_server import (
     MAX_REQUEST_BYTES,
     MIN_CHUNK_BYTES,
     FilePublisher,
@@ -283,7 +283,7 @@ def test_zero_copy_parse_equals_safetensors_and_rejects_malformed_blobs() -> Non
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
 
-    from editrl.common.weights_fetch import tensors_from_buffer
+    from editrl.common.weights.stream_client import tensors_from_buffer
 
     tensors = {
         "a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(2, 2).to(torch.bfloat16),

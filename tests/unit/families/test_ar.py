@@ -1,4 +1,4 @@
-"""Tests for the ``ar`` family (editrl.common.ar, ar_vllm, tiny_emu3) on a tiny random Emu3 (no download, no GPU)."""
+"""Tests for the ``ar`` family (editrl.common.families.ar, ar_vllm, tiny_emu3) on a tiny random Emu3 (no download, no GPU)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from editrl.common.ar import (
+from editrl.common.families.ar import (
     EMU3_LORA_TARGETS,
     Emu3EditPolicy,
     ImageLayout,
@@ -21,8 +21,8 @@ from editrl.common.ar import (
     masked_log_softmax,
     token_log_probs,
 )
-from editrl.common.family import ActorPolicy, LearnerPolicy, through_wire
-from editrl.common.flow import LoraSpec, load_lora_state_dict, lora_state_dict
+from editrl.common.families.base import ActorPolicy, LearnerPolicy, through_wire
+from editrl.common.lora import LoraSpec, load_lora_state_dict, lora_state_dict
 
 torch.set_num_threads(1)
 
@@ -78,8 +78,8 @@ def rollout(actor: Emu3EditPolicy, source):
 def test_tiny_checkpoint_loads_like_a_model_id(tiny_emu3_dir: Path, actor: Emu3EditPolicy, learner) -> None:
     from transformers import AutoProcessor, AutoTokenizer, Emu3ForConditionalGeneration, Emu3Processor
 
-    from editrl.common.family import detect_pipeline
-    from editrl.common.tiny_emu3 import CODEBOOK_SIZE, build_tiny_emu3
+    from editrl.common.families.base import detect_pipeline
+    from editrl.common.families.tiny.emu3 import CODEBOOK_SIZE, build_tiny_emu3
 
     model = Emu3ForConditionalGeneration.from_pretrained(tiny_emu3_dir)
     processor = AutoProcessor.from_pretrained(tiny_emu3_dir)
@@ -119,7 +119,7 @@ def test_tiny_checkpoint_loads_like_a_model_id(tiny_emu3_dir: Path, actor: Emu3E
 def test_load_policy_reads_the_ar_config(tiny_emu3_dir: Path) -> None:
     """The family registry (policy.family = "ar", pipeline read from the checkpoint) builds this policy."""
     from editrl.common.config import PolicyConfig
-    from editrl.common.family import load_policy
+    from editrl.common.families.base import load_policy
 
     cfg = PolicyConfig(family="ar", model=str(tiny_emu3_dir))
     cfg.sampler.temperature, cfg.sampler.top_k = 0.9, 16
@@ -345,7 +345,7 @@ def test_behaviour_source_and_tokens_outside_the_support(
     engine = ScriptedEngine(tokens)
     policy = Emu3EditPolicy(actor.emu3, actor.processor, engine, temperature=1.0, top_k=0)
     assert isinstance(policy.engine, TokenEngine)
-    with caplog.at_level("WARNING", logger="editrl.common.ar"):
+    with caplog.at_level("WARNING", logger="editrl.common.families.ar"):
         out = policy.sample("make it red", source, 2, torch.Generator().manual_seed(0))
     assert "ar_tokens_outside_support: 1 sampled tokens masked" in caplog.text
     assert engine.calls[0][:4] == (2, STEPS, 1.0, 0) and engine.calls[0][4] == actor.allowed_ids
@@ -367,7 +367,7 @@ def test_behaviour_source_and_tokens_outside_the_support(
 
 def test_without_vllm_construction_raises_import_error_with_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError, installed or not
-    from editrl.common.ar_vllm import VLLMTokenEngine
+    from editrl.common.families.ar_vllm import VLLMTokenEngine
 
     with pytest.raises(ImportError, match=r"pip install editrl\[vllm\]"):
         VLLMTokenEngine("BAAI/Emu3-Gen-hf", [7], 0)
@@ -411,7 +411,7 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
 
 
 def test_vllm_adapter_sampling_params_and_log_prob_extraction(fake_vllm: types.ModuleType) -> None:
-    from editrl.common.ar_vllm import VLLMTokenEngine
+    from editrl.common.families.ar_vllm import VLLMTokenEngine
 
     engine = VLLMTokenEngine("/ckpt/emu3", end_ids=[7], pad_id=0, max_model_len=4096)
     assert isinstance(engine, TokenEngine) and not FakeLLM.instances  # lazy: no model before generate
@@ -456,9 +456,9 @@ def test_vllm_adapter_sampling_params_and_log_prob_extraction(fake_vllm: types.M
 
 
 def test_vllm_plugin_registers_the_architecture_once(fake_vllm: types.ModuleType) -> None:
-    from editrl.common.ar_vllm import EMU3_ARCHITECTURES, ENTRY_POINT, VLLM_EMU3_MODEL_CLS, register
+    from editrl.common.families.ar_vllm import EMU3_ARCHITECTURES, ENTRY_POINT, VLLM_EMU3_MODEL_CLS, register
 
-    assert ENTRY_POINT == ("vllm.general_plugins", "editrl_emu3", "editrl.common.ar_vllm:register")
+    assert ENTRY_POINT == ("vllm.general_plugins", "editrl_emu3", "editrl.common.families.ar_vllm:register")
     registry = fake_vllm.ModelRegistry.models
     register()
     assert all(registry[arch] == VLLM_EMU3_MODEL_CLS for arch in EMU3_ARCHITECTURES)
@@ -468,7 +468,7 @@ def test_vllm_plugin_registers_the_architecture_once(fake_vllm: types.ModuleType
 
 
 def test_policy_builds_the_vllm_engine(fake_vllm: types.ModuleType, tiny_emu3_dir: Path, actor) -> None:
-    from editrl.common.ar_vllm import VLLMTokenEngine
+    from editrl.common.families.ar_vllm import VLLMTokenEngine
 
     policy = Emu3EditPolicy.from_pretrained(tiny_emu3_dir, engine="vllm", engine_kwargs={"max_model_len": 512})
     assert isinstance(policy.engine, VLLMTokenEngine)
@@ -480,7 +480,7 @@ def test_policy_builds_the_vllm_engine(fake_vllm: types.ModuleType, tiny_emu3_di
 
 def test_real_vllm_accepts_the_adapter_calls() -> None:
     vllm = pytest.importorskip("vllm")
-    from editrl.common.ar_vllm import VLLMTokenEngine, register
+    from editrl.common.families.ar_vllm import VLLMTokenEngine, register
 
     engine = VLLMTokenEngine("BAAI/Emu3-Gen-hf", [151847], 151643)
     assert engine._vllm is vllm and engine._llm is None

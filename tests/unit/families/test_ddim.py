@@ -1,4 +1,4 @@
-"""Tests for editrl.common.ddim (DDPO DDIM step, InstructPix2Pix policy) on a tiny random model."""
+"""Tests for editrl.common.families.ddim (DDPO DDIM step, InstructPix2Pix policy) on a tiny random model."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from editrl.common.ddim import UNET_LORA_TARGETS, InstructPix2PixPolicy, ddim_step, ip2p_guided_eps
-from editrl.common.family import ActorPolicy, LearnerPolicy, through_wire
-from editrl.common.flow import LoraSpec, load_lora_state_dict, lora_state_dict
+from editrl.common.families.base import ActorPolicy, LearnerPolicy, through_wire
+from editrl.common.families.ddim import UNET_LORA_TARGETS, InstructPix2PixPolicy, ddim_step, ip2p_guided_eps
+from editrl.common.lora import LoraSpec, load_lora_state_dict, lora_state_dict
 
 torch.set_num_threads(1)
 
@@ -163,7 +163,7 @@ def source():
 def test_tiny_checkpoint_loads_like_a_model_id(tiny_ip2p_dir: Path, actor: InstructPix2PixPolicy) -> None:
     from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
 
-    from editrl.common.tiny_ip2p import build_tiny_instruct_pix2pix
+    from editrl.common.families.tiny.instruct_pix2pix import build_tiny_instruct_pix2pix
 
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(tiny_ip2p_dir)
     assert isinstance(pipe.scheduler, EulerAncestralDiscreteScheduler)  # shipped like the real checkpoint

@@ -1,4 +1,4 @@
-"""Tests for editrl.common.qwen_edit (Qwen-Image-Edit adapter of the flow family) on a tiny random model."""
+"""Tests for editrl.common.families.qwen_image_edit (Qwen-Image-Edit adapter of the flow family) on a tiny random model."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from editrl.common.family import ActorPolicy, LearnerPolicy, through_wire
-from editrl.common.flow import LoraSpec, load_lora_state_dict, lora_state_dict
-from editrl.common.qwen_edit import (
+from editrl.common.families.base import ActorPolicy, LearnerPolicy, through_wire
+from editrl.common.families.qwen_image_edit import (
     PIPELINE_CONDITION_AREA,
     QWEN_LORA_TARGETS,
     QwenImageEditPolicy,
@@ -20,7 +19,12 @@ from editrl.common.qwen_edit import (
     qwen_edit_schedule,
     qwen_guided_velocity,
 )
-from editrl.common.tiny_qwen_edit import QWEN_IMAGE_SCHEDULER, TINY_CONDITION_AREA, build_tiny_qwen_image_edit
+from editrl.common.families.tiny.qwen_image_edit import (
+    QWEN_IMAGE_SCHEDULER,
+    TINY_CONDITION_AREA,
+    build_tiny_qwen_image_edit,
+)
+from editrl.common.lora import LoraSpec, load_lora_state_dict, lora_state_dict
 
 torch.set_num_threads(1)
 
@@ -86,7 +90,7 @@ def test_tiny_checkpoint_loads_like_a_model_id(tiny_dir: Path) -> None:
     )
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
 
-    from editrl.common.family import detect_pipeline
+    from editrl.common.families.base import detect_pipeline
 
     index = json.loads((tiny_dir / "model_index.json").read_text())
     assert index["_class_name"] == "QwenImageEditPipeline" and index["processor"] == [
@@ -118,7 +122,7 @@ def test_tiny_checkpoint_loads_like_a_model_id(tiny_dir: Path) -> None:
 
 def test_policies_and_condition_area(tiny_dir: Path, actor: QwenImageEditPolicy, learner: QwenImageEditPolicy) -> None:
     from editrl.common.config import LoraConfig, PolicyConfig, SamplerConfig
-    from editrl.common.family import load_policy
+    from editrl.common.families.base import load_policy
 
     assert isinstance(actor, ActorPolicy) and isinstance(actor, LearnerPolicy) and actor.family == "flow"
     assert learner.pipeline is None and learner.scheduler_config == actor.scheduler_config

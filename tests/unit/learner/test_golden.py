@@ -95,7 +95,7 @@ def run_scenario(model_dir: Path, learner: dict[str, Any]) -> dict[int, dict[str
     from PIL import Image
 
     from editrl.common.config import parse_config
-    from editrl.common.family import load_policy, through_wire
+    from editrl.common.families.base import load_policy, through_wire
     from editrl.learner import update
     from editrl.learner.engines import FSDP2Engine, is_lora_key
 
@@ -209,7 +209,7 @@ def test_recorded_values_hold_on_other_cpu_kernels(tiny_model_f64_dir: Path) -> 
 if __name__ == "__main__":  # print the values to record: python -m tests.unit.learner.test_golden
     import tempfile
 
-    from editrl.common.tiny import build_tiny_flux_kontext
+    from editrl.common.families.tiny.flux_kontext import build_tiny_flux_kontext
 
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_flux_kontext(Path(tmp) / "tiny_f64", seed=0, dtype="float64")

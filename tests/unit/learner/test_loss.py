@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from editrl.learner.loss import clipped_policy_loss, group_advantages
+from editrl.learner.loss import group_advantages
+from editrl.learner.objective import decoupled_loss
 
 
 def test_group_advantages_zero_mean_unit_scale():
@@ -25,7 +26,7 @@ def test_clipped_loss_matches_reference_and_gradient_sign():
     lp_new = torch.tensor([0.0, 1e-5, 3e-4, -2e-4], requires_grad=True)
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
     eps = 1e-4
-    loss, stats = clipped_policy_loss(lp_new, lp_old, adv, eps)
+    loss, stats = decoupled_loss(lp_new, lp_old, lp_old, adv, clip_low=eps, clip_high=eps)  # prox = behave
     r = np.exp(lp_new.detach().numpy().astype(np.float64))
     a = adv.numpy()
     ref = np.mean(np.maximum(-a * r, -a * np.clip(r, 1 - eps, 1 + eps)))

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from editrl.learner.loss import clipped_policy_loss
 from editrl.learner.objective import decoupled_loss
 
 
@@ -44,15 +43,21 @@ def test_matches_an_independent_float64_computation(mode: str, cap: float) -> No
 
 
 def test_prox_equal_to_behave_is_plain_clipped_grpo() -> None:
+    """prox = behave: weights exactly 1, and the loss is Flow-GRPO's clipped loss (float64 reference without weights);
+    its gradient is -A r / count on unclipped units and 0 on clipped ones."""
     logp, _, behave, adv, mask = _inputs(1)
     for m in (None, mask):
         a = logp.clone().requires_grad_(True)
-        b = logp.clone().requires_grad_(True)
         got, stats = decoupled_loss(a, behave, behave, adv, clip_low=0.1, clip_high=0.1, iw_cap=1.5, mask=m)
-        want, _ = clipped_policy_loss(b, behave, adv, 0.1, m)
+        weights = np.ones(tuple(logp.shape)) if m is None else m.numpy()
+        want = _np_decoupled(logp.detach(), behave, behave, adv, 0.1, 0.1, float("inf"), "truncate", weights)
+        assert float(got) == pytest.approx(want, rel=1e-5, abs=1e-7)
         got.backward()
-        want.backward()
-        assert torch.equal(got, want) and torch.equal(a.grad, b.grad)
+        r = np.exp(logp.detach().numpy().astype(np.float64) - behave.numpy())
+        adv64 = adv.numpy().astype(np.float64)[:, None]
+        clipped = ((adv64 > 0) & (r > 1.1)) | ((adv64 < 0) & (r < 0.9))
+        grad = np.where(clipped, 0.0, -adv64 * r) * weights / weights.sum()
+        np.testing.assert_allclose(a.grad.numpy(), grad, rtol=1e-5, atol=1e-7)
         assert float(stats["iw_mean"]) == 1.0 and float(stats["mismatch_kl"]) == 0.0
 
 

@@ -54,7 +54,7 @@ def prompts() -> list[JudgePrompt]:
 def test_build_is_idempotent_and_loads_like_a_model_id(tiny_vlm_dir: Path) -> None:
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    from editrl.common.tiny_vlm import QWEN_SPECIAL_TOKENS, build_tiny_qwen2_5_vl
+    from editrl.common.families.tiny.qwen2_5_vl import QWEN_SPECIAL_TOKENS, build_tiny_qwen2_5_vl
 
     weights = tiny_vlm_dir / "model.safetensors"
     mtime = weights.stat().st_mtime_ns

@@ -24,7 +24,7 @@ Guarantees and failure model
   frame over :data:`MAX_REQUEST_BYTES` disconnects its peer (ZeroMQ ``MAXMSGSIZE``) without a reply.
 - Replies are sent without blocking: past the high-water mark a reply is dropped and counted, and the client asks
   again after ``timeout_s``. One slow actor never stalls the others.
-- :func:`~editrl.common.weights_fetch.fetch_stream` (the actor side, in :mod:`editrl.common.weights_fetch`) keeps ``window`` chunk requests in flight, checks each chunk's sha256 against the digest the
+- :func:`~editrl.common.weights.stream_client.fetch_stream` (the actor side, in :mod:`editrl.common.weights.stream_client`) keeps ``window`` chunk requests in flight, checks each chunk's sha256 against the digest the
   server computed at publish time and the whole blob against ``info.sha256``. A chunk that times out or fails its
   checksum is requested again, up to ``retries`` times. It returns only a fully verified state dict, never part of
   one: :class:`TimeoutError` (an ``OSError``) when the server does not answer, :class:`WeightsStreamError` (a
@@ -52,7 +52,7 @@ from safetensors.torch import save as safetensors_save
 from editrl.common import wire
 from editrl.common.net import harden
 from editrl.common.security import SecurityConfig, ServerWatch, secure_server
-from editrl.common.weights import publish_file
+from editrl.common.weights.file import publish_file
 from editrl.common.wire import WeightsInfo
 
 __all__ = [
@@ -396,7 +396,7 @@ class WeightsPublisher(Protocol):
 
 
 class FilePublisher:
-    """The file transport behind the :class:`WeightsPublisher` interface (common/weights.py; shared file system)."""
+    """The file transport behind the :class:`WeightsPublisher` interface (common/weights/file.py; shared file system)."""
 
     def __init__(self, weights_dir: str | Path) -> None:
         self.weights_dir = Path(weights_dir)

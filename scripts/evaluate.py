@@ -26,7 +26,7 @@ Guarantees:
 
 Failure model: a group the pool does not answer within 2 x ``--timeout`` (one resend, same ids) stops the run with
 exit 1; every answer received before is on disk. The parts shared with ``editrl bon`` (the pool scorer, the editor,
-the run identity) are in :mod:`editrl.common.offline`.
+the run identity) are in :mod:`editrl.scripts.offline`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from editrl.common.offline import (  # noqa: F401 - re-exported for callers of the original module
+from editrl.scripts.offline import (  # noqa: F401 - re-exported for callers of the original module
     DEFAULT_TIMEOUT_S,
     RUN_FILE,
     SUMMARY_FILE,
@@ -310,7 +310,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def standalone(argv: list[str] | None = None) -> int:
-    """``python -m editrl.common.evaluate ...`` (the same as ``editrl eval ...``)."""
+    """``python -m editrl.scripts.evaluate ...`` (the same as ``editrl eval ...``)."""
     parser = argparse.ArgumentParser(prog="editrl")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])

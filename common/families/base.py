@@ -108,17 +108,17 @@ class LearnerPolicy(Protocol):
 
 # pipeline name -> (family, module, loader function); modules are imported only when that pipeline is used.
 PIPELINES: dict[str, tuple[str, str, str]] = {
-    "flux_kontext": ("flow", "editrl.common.flow", "load_flux_kontext"),
-    "qwen_image_edit": ("flow", "editrl.common.qwen_edit", "load_qwen_image_edit"),
-    "instruct_pix2pix": ("ddim", "editrl.common.ddim", "load_instruct_pix2pix"),
-    "emu3": ("ar", "editrl.common.ar", "load_emu3"),
+    "flux_kontext": ("flow", "editrl.common.families.flux_kontext", "load_flux_kontext"),
+    "qwen_image_edit": ("flow", "editrl.common.families.qwen_image_edit", "load_qwen_image_edit"),
+    "instruct_pix2pix": ("ddim", "editrl.common.families.ddim", "load_instruct_pix2pix"),
+    "emu3": ("ar", "editrl.common.families.ar", "load_emu3"),
 }
 # pipeline name -> (module, function(out_dir, seed=...)) building a tiny random-weight checkpoint locally.
 TINY_BUILDERS: dict[str, tuple[str, str]] = {
-    "flux_kontext": ("editrl.common.tiny", "build_tiny_flux_kontext"),
-    "qwen_image_edit": ("editrl.common.tiny_qwen_edit", "build_tiny_qwen_image_edit"),
-    "instruct_pix2pix": ("editrl.common.tiny_ip2p", "build_tiny_instruct_pix2pix"),
-    "emu3": ("editrl.common.tiny_emu3", "build_tiny_emu3"),
+    "flux_kontext": ("editrl.common.families.tiny.flux_kontext", "build_tiny_flux_kontext"),
+    "qwen_image_edit": ("editrl.common.families.tiny.qwen_image_edit", "build_tiny_qwen_image_edit"),
+    "instruct_pix2pix": ("editrl.common.families.tiny.instruct_pix2pix", "build_tiny_instruct_pix2pix"),
+    "emu3": ("editrl.common.families.tiny.emu3", "build_tiny_emu3"),
 }
 # pipelines whose sampler and recompute run in float64 end to end with `policy.dtype: float64` (the golden test's path)
 FLOAT64_PIPELINES = ("flux_kontext",)

@@ -4,11 +4,11 @@
 (`model_index.json`, `transformer/`, `vae/`, `scheduler/`, `text_encoder/`, `tokenizer/`, `processor/`), so it loads
 with the call a real id uses: `QwenImageEditPipeline.from_pretrained(out_dir)` (works with `HF_HUB_OFFLINE=1`).
 
-Processor caveat (same as :mod:`editrl.common.tiny_vlm`): `Qwen2VLProcessor` cannot be built or saved without
+Processor caveat (same as :mod:`editrl.common.families.tiny.qwen2_5_vl`): `Qwen2VLProcessor` cannot be built or saved without
 torchvision (its video processor), so `processor/` holds what the real repository's folder holds minus the video
 processor: the tokenizer files and `preprocessor_config.json`. Without torchvision, loading the `processor`
 component fails in the same way for this directory and for the real id;
-:func:`editrl.common.qwen_edit.load_edit_processor` loads it image-only for both, and the policy passes it to
+:func:`editrl.common.families.qwen_image_edit.load_edit_processor` loads it image-only for both, and the policy passes it to
 `from_pretrained(..., processor=...)`.
 
 Sizes (64x64 RGB image):
@@ -16,13 +16,13 @@ Sizes (64x64 RGB image):
   latent [4, 1, 8, 8] -> 16 packed tokens of 16 channels; non-trivial latents_mean / latents_std.
 - Transformer (`QwenImageTransformer2DModel`): 2 dual-stream blocks, 2 heads x 16 dims (inner 32), RoPE axes
   (4, 6, 6), joint_attention_dim 64 (the text encoder's hidden size).
-- Text encoder, tokenizer and image processor: the tiny Qwen2.5-VL of :func:`editrl.common.tiny_vlm.build_tiny_qwen2_5_vl`
+- Text encoder, tokenizer and image processor: the tiny Qwen2.5-VL of :func:`editrl.common.families.tiny.qwen2_5_vl.build_tiny_qwen2_5_vl`
   (the VL sees every image as 4 merged vision tokens).
 - Scheduler: `FlowMatchEulerDiscreteScheduler` with Qwen-Image's published config (:data:`QWEN_IMAGE_SCHEDULER`).
 
 CPU budget: the diffusers pipeline resizes the condition image to a 1024x1024 *area* (`calculate_dimensions(1024 *
 1024, ratio)`, hard-coded in `__call__`) and, without explicit height/width, also generates at that size. On this
-tiny model that makes one 4-step 64x64 edit take 7-10 s instead of ~0.1 s (see `editrl.common.qwen_edit`). The
+tiny model that makes one 4-step 64x64 edit take 7-10 s instead of ~0.1 s (see `editrl.common.families.qwen_image_edit`). The
 checkpoint therefore declares :data:`TINY_CONDITION_AREA` (64*64) as `condition_area` in its `editrl_tiny.json`
 marker, which `QwenImageEditPolicy.from_pretrained` reads when no explicit `condition_area` is given. Real checkpoints
 have no such file, so the policy keeps the pipeline's 1024*1024 for them.
@@ -67,7 +67,7 @@ def _vlm_parts(seed: int) -> tuple[torch.nn.Module, object, object]:
     """(text encoder, tokenizer, image processor) of the tiny Qwen2.5-VL, built in a scratch directory."""
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    from editrl.common.tiny_vlm import build_tiny_qwen2_5_vl
+    from editrl.common.families.tiny.qwen2_5_vl import build_tiny_qwen2_5_vl
 
     with tempfile.TemporaryDirectory() as tmp:
         vlm = build_tiny_qwen2_5_vl(Path(tmp) / "vlm", seed=seed)

@@ -1,10 +1,8 @@
-"""Flow-matching editing policy (FLUX.1-Kontext) shared by the actor and the learner.
+"""FLUX.1-Kontext as a stochastic policy over latent trajectories, shared by the actor and the learner.
 
-Conventions (Flow-GRPO, see docs REFERENCE-MATH section 1): flow time runs sigma = 1 (noise) -> 0 (data),
-dt = sigma_next - sigma < 0, one SDE step per sampler step, log-prob = Gaussian log-density of the stored next
-latent averaged over all non-batch elements (one scalar per sample per step). Everything numeric is float32, or
-float64 end to end when the transformer's weights are float64 (``policy.dtype: float64``: the reference-precision path
-the golden-number test runs, so no CPU-specific float32 rounding reaches its recorded digits).
+The actor uses the full pipeline (text encoders, VAE) to encode conditions, sample groups and decode; the learner
+loads only the transformer and recomputes each stored step with :func:`flux_velocity` and the step of
+:mod:`editrl.common.families.flow`.
 
 Shapes: B = batch, G = group size, N = sampler steps, L = packed latent tokens, C = packed channels
 (4 x VAE latent channels), T = text tokens, D = text width, P = pooled text width.
@@ -12,161 +10,21 @@ Shapes: B = batch, G = group size, N = sampler steps, L = packed latent tokens, 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from editrl.common.family import Rollout
+from editrl.common.families.base import Rollout
+from editrl.common.families.flow import STEPS, FlowSampler, _per_sample, sde_window
+from editrl.common.lora import LoraSpec, add_lora, param_dtype
 
-__all__ = [
-    "GroupCondition",
-    "Trajectory",
-    "LoraSpec",
-    "FluxKontextPolicy",
-    "FlowSampler",
-    "flow_sde_step",
-    "flow_cps_step",
-    "sde_window",
-    "flux_schedule",
-    "flux_velocity",
-    "add_lora",
-    "default_dtype",
-    "lora_state_dict",
-    "load_lora_state_dict",
-]
-
-_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
-
-
-def work_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The dtype the step math runs in: float64 if any input is float64, else float32 (bf16/fp16 are upcast)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _per_sample(s: float | torch.Tensor, batch: int, ndim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Scalar / [] / [B] sigma -> tensor [B, 1, ..., 1] of ``dtype`` with `ndim` dims in total."""
-    t = torch.as_tensor(s).reshape(-1).to(dtype)
-    if t.numel() == 1:
-        t = t.expand(batch)
-    if t.numel() != batch:
-        raise ValueError(f"sigma has {t.numel()} values for a batch of {batch}")
-    return t.reshape(batch, *([1] * (ndim - 1)))
-
-
-def flow_sde_step(
-    x: torch.Tensor,
-    v: torch.Tensor,
-    sigma: float | torch.Tensor,
-    sigma_next: float | torch.Tensor,
-    noise_level: float,
-    prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Flow-GRPO SDE step with its Gaussian log-prob (float32 throughout; float64 if x or v is float64).
-
-    Args:
-        x: current latents [B, ...] (e.g. [B, L, C]); cast to the work dtype (:func:`work_dtype`).
-        v: velocity prediction, same shape as x; cast likewise.
-        sigma, sigma_next: python floats or tensors [] / [B]; broadcast over non-batch dims.
-        noise_level: a in std_dev_t = a * sqrt(sigma / (1 - sigma)); must be > 0.
-        prev_sample: the next latent to score [B, ...]; drawn as mean + std * eps when None.
-        generator: RNG for eps (only used when prev_sample is None).
-
-    Returns:
-        prev_sample [B, ...], log_prob [B] (mean over non-batch elements of the Gaussian log-density of
-        prev_sample.detach() under N(mean, std^2)), mean [B, ...], std [B, 1, ...] (per-element transition std =
-        std_dev_t * sqrt(-dt)); all in the work dtype.
-
-    Math: dt = sigma_next - sigma; std_dev_t = a * sqrt(sigma / (1 - s')) with s' = sigma, except at sigma == 1
-    where s' = sigma_next. flow_grpo uses sigmas[1] (the schedule's second sigma) there, which is exactly
-    sigma_next at the first step, the only step with sigma == 1.
-    mean = x (1 + std_dev_t^2 / (2 sigma) dt) + v (1 + std_dev_t^2 (1 - sigma) / (2 sigma)) dt.
-    Gradients flow only through mean (i.e. through v).
-    """
-    if noise_level <= 0:
-        raise ValueError(f"noise_level must be > 0 for a log-prob, got {noise_level}")
-    dtype = work_dtype(x, v)
-    x, v = x.to(dtype), v.to(dtype)
-    b, nd = x.shape[0], x.ndim
-    s = _per_sample(sigma, b, nd, dtype).to(x.device)  # [B, 1, ...]
-    s_next = _per_sample(sigma_next, b, nd, dtype).to(x.device)  # [B, 1, ...]
-    dt = s_next - s
-    denom_sigma = torch.where(s == 1.0, s_next, s)
-    std_dev_t = noise_level * torch.sqrt(s / (1.0 - denom_sigma))
-    mean = x * (1.0 + std_dev_t**2 / (2.0 * s) * dt) + v * (1.0 + std_dev_t**2 * (1.0 - s) / (2.0 * s)) * dt
-    std = std_dev_t * torch.sqrt(-dt)
-    if not bool(torch.all(std > 0)) or not bool(torch.all(torch.isfinite(std))):
-        raise ValueError(f"transition std must be finite and > 0, got {std.flatten().tolist()}")
-    if prev_sample is None:
-        eps = torch.randn(x.shape, generator=generator, dtype=dtype, device=x.device)
-        prev_sample = mean + std * eps
-    prev_sample = prev_sample.to(dtype)
-    lp = -((prev_sample.detach() - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-    log_prob = lp.mean(dim=tuple(range(1, nd)))  # [B]
-    return prev_sample, log_prob, mean, std
-
-
-def flow_cps_step(
-    x: torch.Tensor,
-    v: torch.Tensor,
-    sigma: float | torch.Tensor,
-    sigma_next: float | torch.Tensor,
-    noise_level: float,
-    prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One coefficients-preserving (CPS) step, flow_grpo's ``sde_type='cps'`` (in the work dtype, as the SDE step).
-
-    Same arguments and returns as :func:`flow_sde_step`. Math (REFERENCE-MATH 1.1):
-    std = sigma_next * sin(a * pi / 2); x0 = x - sigma v; x1 = x + (1 - sigma) v;
-    mean = x0 (1 - sigma_next) + x1 sqrt(sigma_next^2 - std^2); prev_sample = mean + std * eps.
-    The "log-prob" is flow_grpo's: ``-mean((prev_sample - mean)^2)`` with every constant removed (no 1/(2 std^2), no
-    log std), so it is NOT a Gaussian log-density and the ratio it gives is a tempered one -- reproduced exactly on
-    purpose, so runs compare with the reference. With a = 0 the step is the ODE step x + v (sigma_next - sigma).
-    """
-    if noise_level < 0:
-        raise ValueError(f"noise_level must be >= 0 for CPS, got {noise_level}")
-    dtype = work_dtype(x, v)
-    x, v = x.to(dtype), v.to(dtype)
-    b, nd = x.shape[0], x.ndim
-    s = _per_sample(sigma, b, nd, dtype).to(x.device)
-    s_next = _per_sample(sigma_next, b, nd, dtype).to(x.device)
-    std = s_next * math.sin(noise_level * math.pi / 2.0)
-    x0 = x - s * v
-    x1 = x + (1.0 - s) * v
-    mean = x0 * (1.0 - s_next) + x1 * torch.sqrt(torch.clamp(s_next**2 - std**2, min=0.0))
-    if prev_sample is None:
-        eps = torch.randn(x.shape, generator=generator, dtype=dtype, device=x.device)
-        prev_sample = mean + std * eps
-    prev_sample = prev_sample.to(dtype)
-    log_prob = -((prev_sample.detach() - mean) ** 2).mean(dim=tuple(range(1, nd)))
-    return prev_sample, log_prob, mean, std
-
-
-STEPS = {"sde": flow_sde_step, "cps": flow_cps_step}
-
-
-def sde_window(num_steps: int, size: int, window_range: tuple[int, int] | None, rng: random.Random) -> tuple[int, int]:
-    """The (start, end) steps sampled stochastically and trained on; ODE steps outside it.
-
-    ``size == 0``: every step but the last, ``(0, N - 1)`` (the last, near-noiseless step is never trained on).
-    Otherwise flow_grpo's Flow-GRPO-Fast rule: ``start = randint(lo, hi - size)`` over ``window_range`` (default
-    ``(0, N // 2)``), window ``(start, start + size)``.
-    """
-    if size == 0:
-        return 0, num_steps - 1
-    lo, hi = window_range if window_range is not None else (0, num_steps // 2)
-    if not (0 <= lo and hi <= num_steps - 1 and hi - lo >= size >= 1):
-        raise ValueError(f"SDE window of {size} steps does not fit in range ({lo}, {hi}) of {num_steps} steps")
-    start = rng.randint(lo, hi - size)
-    return start, start + size
+__all__ = ["GroupCondition", "Trajectory", "FluxKontextPolicy", "flux_schedule", "flux_velocity", "load_flux_kontext"]
 
 
 def flux_schedule(num_steps: int, image_seq_len: int, scheduler_config: dict[str, Any]) -> torch.Tensor:
@@ -252,28 +110,6 @@ class Trajectory:
     final: torch.Tensor | None = None
 
 
-@dataclass
-class FlowSampler:
-    """Sampler settings of the flow family (see :func:`sde_window` and :data:`STEPS`)."""
-
-    num_steps: int = 4
-    noise_level: float = 0.7
-    guidance: float = 2.5
-    sde_type: str = "sde"  # "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
-    sde_window: int = 0  # 0: every step stochastic, all but the last trained; K: a random K-step window, ODE outside
-    sde_window_range: tuple[int, int] | None = None  # where the window may start/end; default (0, N // 2)
-
-    def __post_init__(self) -> None:
-        if self.sde_type not in STEPS:
-            raise ValueError(f"sde_type must be one of {sorted(STEPS)}, got {self.sde_type!r}")
-
-
-def _param_dtype(module: torch.nn.Module) -> torch.dtype:
-    for p in module.parameters():
-        return p.dtype
-    return torch.float32
-
-
 def _guidance_embeds(transformer: torch.nn.Module) -> bool:
     cfg = getattr(transformer, "config", None)
     if cfg is None and hasattr(transformer, "module"):
@@ -298,7 +134,7 @@ def flux_velocity(
     """
     b, seq, _ = latents.shape
     device = latents.device
-    dtype = _param_dtype(transformer)
+    dtype = param_dtype(transformer)
     img = cond.image_latents.to(device=device, dtype=dtype).unsqueeze(0).expand(b, -1, -1)  # [B, L_img, C]
     hidden = torch.cat([latents.to(dtype), img], dim=1)  # [B, L + L_img, C]
     img_ids = torch.cat([cond.latent_ids, cond.image_ids], dim=0).to(device=device, dtype=dtype)
@@ -318,134 +154,6 @@ def flux_velocity(
         return_dict=False,
     )[0]
     return out[:, :seq].to(out_dtype)
-
-
-# ----------------------------------------------------------------------------------------------------- LoRA
-
-
-def _default_targets() -> list[str]:
-    return [
-        # attention (double blocks: image + text streams; single blocks share to_q/k/v)
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
-        # feed-forward
-        "ff.net.0.proj",
-        "ff.net.2",
-        "ff_context.net.0.proj",
-        "ff_context.net.2",
-        "proj_mlp",
-        "proj_out",  # single-block output and the final projection
-        # adaptive norms (modulation) and time/text embeddings: cheap, let a LoRA shift the output directly
-        "norm1.linear",
-        "norm1_context.linear",
-        "norm.linear",
-        "norm_out.linear",
-        "timestep_embedder.linear_1",
-        "timestep_embedder.linear_2",
-        "guidance_embedder.linear_1",
-        "guidance_embedder.linear_2",
-        "text_embedder.linear_1",
-        "text_embedder.linear_2",
-    ]
-
-
-@dataclass
-class LoraSpec:
-    """LoRA settings. target_modules are matched by peft as name suffixes. B starts at zero (identity)."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: list[str] = field(default_factory=_default_targets)
-    seed: int = 0
-
-
-_ADAPTER = "default"
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """New parameters are created (and randomly initialised) in ``dtype`` for the duration."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def add_lora(transformer: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
-    """Inject a peft LoRA adapter in place (deterministic A init from spec.seed, B = 0); freeze the base.
-
-    The adapter is created and initialised in the transformer's dtype: a float32 A initialised and then cast to
-    float64 differs between CPUs in the last float32 bit (vectorised ``uniform_`` rounds differently per ISA).
-    Returns the same module. Only LoRA parameters keep requires_grad=True.
-    """
-    from peft import LoraConfig, inject_adapter_in_model
-
-    cfg = LoraConfig(
-        r=spec.rank,
-        lora_alpha=spec.alpha,
-        target_modules=list(spec.target_modules),
-        lora_dropout=0.0,
-        init_lora_weights=True,
-    )
-    with torch.random.fork_rng(devices=[]), default_dtype(_param_dtype(transformer)):
-        torch.manual_seed(spec.seed)
-        inject_adapter_in_model(cfg, transformer, adapter_name=_ADAPTER)
-    n = 0
-    for name, p in transformer.named_parameters():
-        is_lora = "lora_" in name
-        p.requires_grad_(is_lora)
-        n += int(is_lora)
-    if n == 0:
-        raise ValueError(f"no LoRA parameters injected for targets {spec.target_modules}")
-    return transformer
-
-
-def lora_key(name: str) -> str:
-    """Stable key: drop wrapper prefixes and the adapter name ('x.lora_A.default.weight' -> 'x.lora_A.weight')."""
-    for prefix in ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
-        name = name.replace(prefix, "")
-    return name.replace(f".{_ADAPTER}.", ".")
-
-
-def _lora_params(transformer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {lora_key(n): p for n, p in transformer.named_parameters() if "lora_" in n}
-
-
-def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA parameters only, as plain contiguous CPU tensors (DTensors are gathered), stable key names."""
-    out: dict[str, torch.Tensor] = {}
-    for k, p in _lora_params(transformer).items():
-        t = p.detach()
-        if hasattr(t, "full_tensor"):
-            t = t.full_tensor()
-        out[k] = t.cpu().clone().contiguous()
-    return out
-
-
-def load_lora_state_dict(transformer: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Copy `sd` into the LoRA parameters; raises KeyError/ValueError on missing, unexpected or mis-shaped keys."""
-    params = _lora_params(transformer)
-    missing = sorted(set(params) - set(sd))
-    unexpected = sorted(set(sd) - set(params))
-    if missing or unexpected:
-        raise KeyError(f"LoRA state dict mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
-    for k, p in params.items():
-        if tuple(sd[k].shape) != tuple(p.shape):
-            raise ValueError(f"LoRA shape mismatch for {k}: {tuple(sd[k].shape)} vs {tuple(p.shape)}")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(sd[k].to(dtype=p.dtype, device=p.device))
-
-
-# ----------------------------------------------------------------------------------------------------- policy
 
 
 class FluxKontextPolicy:
@@ -546,7 +254,7 @@ class FluxKontextPolicy:
     @property
     def dtype(self) -> torch.dtype:
         """The sampler's and the recompute's dtype: float64 for a float64 transformer, else float32."""
-        return torch.float64 if _param_dtype(self.transformer) == torch.float64 else torch.float32
+        return torch.float64 if param_dtype(self.transformer) == torch.float64 else torch.float32
 
     def initial_noise(self, cond: GroupCondition, group_size: int, generator: torch.Generator | None) -> torch.Tensor:
         """x_0 [G, L, C] (``self.dtype``) drawn like the pipeline (randn in [G, C/4, h, w], then packed)."""
@@ -599,12 +307,12 @@ class FluxKontextPolicy:
             final=x.cpu(),
         )
 
-    # -- the family interface (editrl.common.family) ------------------------------------------------------------
+    # -- the family interface (editrl.common.families.base) ------------------------------------------------------------
 
     family = "flow"
 
     def sample(self, instruction: str, source: Any, group_size: int, generator: torch.Generator) -> Rollout:
-        """G edits as a :class:`~editrl.common.family.Rollout` with the sampler settings of ``self.sampler``."""
+        """G edits as a :class:`~editrl.common.families.base.Rollout` with the sampler settings of ``self.sampler``."""
         cfg = self.sampler
         cond = self.encode_condition(instruction, source)
         window = None
@@ -676,7 +384,7 @@ class FluxKontextPolicy:
 
 
 def load_flux_kontext(policy_cfg: Any, *, with_pipeline: bool) -> FluxKontextPolicy:
-    """The FLUX.1-Kontext policy for a ``config.PolicyConfig`` (see :func:`editrl.common.family.load_policy`)."""
+    """The FLUX.1-Kontext policy for a ``config.PolicyConfig`` (see :func:`editrl.common.families.base.load_policy`)."""
     s = policy_cfg.sampler
     window_range = tuple(s.sde_window_range) if s.sde_window_range else None
     sampler = FlowSampler(s.num_steps, s.noise_level, s.guidance, s.sde_type, s.sde_window, window_range)

@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     status.add_argument("--once", action="store_true", help="print the table once and exit")
     status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
-    from editrl.common import bon, evaluate, replay_tools  # standard library only at import: --help stays instant
+    from editrl.scripts import bon, evaluate, replay  # standard library only at import: --help stays instant
 
     bon.register(sub)
     evaluate.register(sub)
-    replay_tools.register(sub)
+    replay.register(sub)
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is not None:
         return args.handler(args)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "status": _status,
         "keys": _keys,
         "check": _check,
-        "replay": replay_tools.run,
+        "replay": replay.run,
     }
     return commands[args.command](args)
 
@@ -101,7 +101,7 @@ def _check_scorer_backend(cfg) -> None:  # noqa: ANN001
 
 def _up(args: argparse.Namespace) -> int:
     from editrl.common.log import setup_logging
-    from editrl.common.supervisor import Supervisor, plan, prepare
+    from editrl.scripts.up import Supervisor, plan, prepare
 
     cfg = _load(args.config)
     _check_scorer_backend(cfg)
@@ -127,11 +127,11 @@ def _up(args: argparse.Namespace) -> int:
 
 def _make_tiny(args: argparse.Namespace) -> int:
     if args.vlm:
-        from editrl.common.tiny_vlm import build_tiny_qwen2_5_vl
+        from editrl.common.families.tiny.qwen2_5_vl import build_tiny_qwen2_5_vl
 
         print(build_tiny_qwen2_5_vl(args.dir, seed=args.seed))
         return 0
-    from editrl.common.tiny import build_tiny_flux_kontext
+    from editrl.common.families.tiny.flux_kontext import build_tiny_flux_kontext
 
     print(build_tiny_flux_kontext(args.dir, seed=args.seed))
     return 0
@@ -159,7 +159,7 @@ def _ask_broker(cfg, call):  # noqa: ANN001, ANN202
 
 
 def _check(args: argparse.Namespace) -> int:
-    from editrl.scorer.check import run_check
+    from editrl.scripts.check import run_check
 
     cfg = _load(args.config)
     summary, code = _ask_broker(cfg, lambda: run_check(cfg, n_groups=args.groups, timeout_s=args.timeout).summary())
@@ -180,7 +180,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from editrl.common.security import generate_layout
+    from editrl.common.keys import generate_layout
 
     names = [n.strip() for n in args.clients.split(",") if n.strip()]
     layout = generate_layout(args.dir, names)
@@ -199,7 +199,7 @@ def _status(args: argparse.Namespace) -> int:
 
     from editrl.common import wire
     from editrl.common.net import BrokerClient, new_id
-    from editrl.common.status import local_pids, render_status
+    from editrl.scripts.status import local_pids, render_status
 
     cfg = _load(args.config)
     client = BrokerClient(zmq.Context(), cfg.broker.endpoint, "status", timeout_s=3.0, security=cfg.security)

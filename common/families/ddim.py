@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from editrl.common.family import Rollout
-from editrl.common.flow import LoraSpec, add_lora
+from editrl.common.families.base import Rollout
+from editrl.common.lora import LoraSpec, add_lora
 
 __all__ = ["UNET_LORA_TARGETS", "InstructPix2PixPolicy", "ddim_step", "ip2p_guided_eps"]
 
@@ -169,7 +169,7 @@ def _cond_tensors(cond: dict[str, np.ndarray], device: torch.device) -> dict[str
 class InstructPix2PixPolicy:
     """InstructPix2Pix with a DDIM (eta > 0) sampler as a stochastic policy over latent trajectories.
 
-    Implements both ActorPolicy and LearnerPolicy (common/family.py). The actor uses the full pipeline (text
+    Implements both ActorPolicy and LearnerPolicy (common/families/base.py). The actor uses the full pipeline (text
     encoder, VAE) to encode conditions, sample groups and decode; the learner loads only the UNet and the scheduler
     config (`with_pipeline=False`) and recomputes with `ip2p_guided_eps` + `ddim_step`. The recompute reads eta and
     the guidance scales from the rollout's params, never from this object, so the actor's settings always win.
@@ -359,7 +359,7 @@ class InstructPix2PixPolicy:
 
 
 def load_instruct_pix2pix(policy_cfg: Any, *, with_pipeline: bool) -> InstructPix2PixPolicy:
-    """The InstructPix2Pix policy for a ``config.PolicyConfig`` (see :func:`editrl.common.family.load_policy`)."""
+    """The InstructPix2Pix policy for a ``config.PolicyConfig`` (see :func:`editrl.common.families.base.load_policy`)."""
     s = policy_cfg.sampler
     lora = LoraSpec(rank=policy_cfg.lora.rank, alpha=policy_cfg.lora.alpha, target_modules=list(UNET_LORA_TARGETS))
     return InstructPix2PixPolicy.from_pretrained(

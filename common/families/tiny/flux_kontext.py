@@ -81,7 +81,7 @@ def build_tiny_flux_kontext(out_dir: str | Path, seed: int = 0, force: bool = Fa
     out = Path(out_dir)
     if (out / "model_index.json").exists() and not force:
         return out
-    from editrl.common.flow import default_dtype
+    from editrl.common.lora import default_dtype
 
     with default_dtype(getattr(torch, dtype)):
         _build(out, seed)

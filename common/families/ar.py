@@ -16,7 +16,7 @@ Guarantees and failure model:
 - ``Rollout.log_probs`` (the behaviour log-probs) are NOT the engine's numbers. After sampling, the actor recomputes
   them with :func:`token_log_probs` -- one full forward over prompt + completion for the whole group, the exact
   call the learner makes -- so at equal weights the learner's recompute equals them bit for bit (the contract of
-  :mod:`editrl.common.family`). A KV-cached sampling loop and a full forward differ in float rounding, so the
+  :mod:`editrl.common.families.base`). A KV-cached sampling loop and a full forward differ in float rounding, so the
   engine's own log-probs (kept as ``traj["sampler_log_probs"]`` to monitor that mismatch) could not honour it. The
   learner never trusts the engine's log-probs for the PPO ratio: it recomputes θ (and prox) itself and uses the
   stored log-probs only as behaviour log-probs. With ``behaviour="engine"`` (e.g. a vLLM actor that must skip the
@@ -45,8 +45,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from editrl.common.family import Rollout
-from editrl.common.flow import LoraSpec, add_lora
+from editrl.common.families.base import Rollout
+from editrl.common.lora import LoraSpec, add_lora
 
 __all__ = [
     "TokenEngine",
@@ -291,8 +291,8 @@ class ImageLayout:
 
 
 class Emu3EditPolicy:
-    """An Emu3-style editor as a policy over image-token sequences: both :class:`~editrl.common.family.ActorPolicy`
-    and :class:`~editrl.common.family.LearnerPolicy` (family ``ar``).
+    """An Emu3-style editor as a policy over image-token sequences: both :class:`~editrl.common.families.base.ActorPolicy`
+    and :class:`~editrl.common.families.base.LearnerPolicy` (family ``ar``).
 
     ``emu3`` is the ``Emu3ForConditionalGeneration`` (its VQ-VAE encodes sources and decodes edits); ``model`` is
     its :class:`Emu3LanguageModel` (text decoder + lm_head, LoRA on q/k/v/o), the trained module. ``processor``
@@ -367,7 +367,7 @@ class Emu3EditPolicy:
         if engine == "transformers":
             return TransformersTokenEngine(self.emu3, [self.eof_id], self.pad_id)
         if engine == "vllm":
-            from editrl.common.ar_vllm import VLLMTokenEngine
+            from editrl.common.families.ar_vllm import VLLMTokenEngine
 
             return VLLMTokenEngine(path, [self.eof_id], self.pad_id, **kwargs)
         raise ValueError(f"engine must be 'transformers', 'vllm' or a TokenEngine, got {engine!r}")
@@ -475,7 +475,7 @@ class Emu3EditPolicy:
 
 
 def load_emu3(policy_cfg: Any, *, with_pipeline: bool) -> Emu3EditPolicy:
-    """The Emu3 policy for a ``config.PolicyConfig`` (see :func:`editrl.common.family.load_policy`)."""
+    """The Emu3 policy for a ``config.PolicyConfig`` (see :func:`editrl.common.families.base.load_policy`)."""
     s = policy_cfg.sampler
     lora = LoraSpec(rank=policy_cfg.lora.rank, alpha=policy_cfg.lora.alpha, target_modules=list(EMU3_LORA_TARGETS))
     return Emu3EditPolicy.from_pretrained(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 import psutil
 
 from editrl.common.config import TopologyConfig
+from editrl.common.net import free_local_port
 
 GRACE_S = 10.0
 POLL_S = 0.1  # how often children are checked (a finished learner ends the run within this)
@@ -75,13 +75,6 @@ def plan(cfg: TopologyConfig, config_path: str, max_steps: int | None) -> list[C
         learner += ["--max-steps", str(max_steps)]
     children.append(Child("learner", 0, learner, restart=True))
     return children
-
-
-def free_local_port() -> int:
-    """A port nobody listens on right now (the kernel's pick; torchrun binds it a moment later)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Supervisor:
@@ -216,7 +209,7 @@ class Supervisor:
 def prepare(cfg: TopologyConfig, log) -> None:  # noqa: ANN001
     """Build what the topology says may be built locally: the tiny model and the quickstart task set."""
     if cfg.policy.make_tiny:
-        from editrl.common.family import build_tiny
+        from editrl.common.families.base import build_tiny
 
         t0 = time.monotonic()
         if build_tiny(cfg.policy, seed=cfg.run.seed):

@@ -1,4 +1,4 @@
-"""VLLMTokenEngine: the ``ar`` family's :class:`~editrl.common.ar.TokenEngine` on vLLM's offline ``LLM`` (GPU).
+"""VLLMTokenEngine: the ``ar`` family's :class:`~editrl.common.families.ar.TokenEngine` on vLLM's offline ``LLM`` (GPU).
 
 Thin adapter over vLLM's public API (checked against vLLM's V1 sampler and ``SamplingParams``):
 
@@ -6,7 +6,7 @@ Thin adapter over vLLM's public API (checked against vLLM's V1 sampler and ``Sam
   is built lazily on the first ``generate`` (or :meth:`VLLMTokenEngine.load`) as ``LLM(model=...,
   logprobs_mode="processed_logprobs", ...)``. vLLM's default ``raw_logprobs`` are taken from the logits BEFORE
   ``allowed_token_ids``, temperature and top-k; ``processed_logprobs`` (vLLM >= 0.10.2) are the log-softmax of the
-  logits it actually samples from (allowed ids -> temperature -> top-k), i.e. :func:`editrl.common.ar.masked_log_softmax`.
+  logits it actually samples from (allowed ids -> temperature -> top-k), i.e. :func:`editrl.common.families.ar.masked_log_softmax`.
 - One request per call: ``LLM.generate([{"prompt_token_ids": prompt}], SamplingParams(n=n, temperature=...,
   top_k=top_k or -1, top_p=1.0, min_p=0.0, max_tokens=T, seed=seed, logprobs=1, allowed_token_ids=...,
   stop_token_ids=end_ids, detokenize=False))``. Completion ``i`` is ``outputs[0].outputs[i]``: its ``token_ids``
@@ -21,7 +21,7 @@ Thin adapter over vLLM's public API (checked against vLLM's V1 sampler and ``Sam
   prompts are plain token ids (the source image is inlined as VQ token ids), so vLLM only runs the language model.
 
 The log-probs returned here are behaviour log-probs at best: the learner recomputes its own (see
-:mod:`editrl.common.ar`), and vLLM's bf16 kernels and batching differ from the learner's numerics.
+:mod:`editrl.common.families.ar`), and vLLM's bf16 kernels and batching differ from the learner's numerics.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from editrl.common.ar import check_request
+from editrl.common.families.ar import check_request
 
 __all__ = ["VLLMTokenEngine", "register", "EMU3_ARCHITECTURES", "VLLM_EMU3_MODEL_CLS", "ENTRY_POINT", "INSTALL_HINT"]
 
@@ -44,8 +44,8 @@ EMU3_ARCHITECTURES: tuple[str, ...] = ("Emu3ForConditionalGeneration",)
 VLLM_EMU3_MODEL_CLS = "vllm.model_executor.models.transformers:TransformersMultiModalForCausalLM"
 # What pyproject.toml would declare so that vLLM finds register():
 #   [project.entry-points."vllm.general_plugins"]
-#   editrl_emu3 = "editrl.common.ar_vllm:register"
-ENTRY_POINT = ("vllm.general_plugins", "editrl_emu3", "editrl.common.ar_vllm:register")
+#   editrl_emu3 = "editrl.common.families.ar_vllm:register"
+ENTRY_POINT = ("vllm.general_plugins", "editrl_emu3", "editrl.common.families.ar_vllm:register")
 
 
 def register() -> None:
@@ -136,7 +136,7 @@ class VLLMTokenEngine:
         allowed_ids: list[int] | None,
         seed: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """See :class:`editrl.common.ar.TokenEngine`. Raises RuntimeError when vLLM returns the wrong count."""
+        """See :class:`editrl.common.families.ar.TokenEngine`. Raises RuntimeError when vLLM returns the wrong count."""
         check_request(prompt_ids, n, temperature, top_k, max_new_tokens)
         self.load()
         params = self.sampling_params(n, max_new_tokens, temperature, top_k, allowed_ids, seed)

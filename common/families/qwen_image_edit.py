@@ -18,12 +18,12 @@ only re-orders it into Flow-GRPO steps:
   this keeps the numbers identical to the pipeline's. The combination runs in float32.
 - Schedule: ``sigmas = linspace(1, 1/N, N)``, ``mu = calculate_shift(L, ...)`` from the scheduler config, then
   ``set_timesteps(sigmas=..., mu=...)`` (Qwen-Image: exponential time shift, terminal sigma 0.02, final 0 appended).
-- Sampler (Flow-GRPO, REFERENCE-MATH 1.1/1.6): steps 0..N-2 are SDE steps (:func:`~editrl.common.flow.flow_sde_step`)
+- Sampler (Flow-GRPO, REFERENCE-MATH 1.1/1.6): steps 0..N-2 are SDE steps (:func:`~editrl.common.families.flow.flow_sde_step`)
   and are the trained units; the last, near-noiseless step N-1 is a deterministic Euler (ODE) step, as flow_grpo's
   Qwen pipelines do with their default SDE window (0, N-1). So ``log_probs`` is ``[G, N-1]`` and ``latents`` holds all
   N+1 states ``x_0`` (noise) .. ``x_N`` (decoded).
 
-CPU budget (2-core test machine; tiny checkpoint of :mod:`editrl.common.tiny_qwen_edit`, 64x64 source, 4 steps,
+CPU budget (2-core test machine; tiny checkpoint of :mod:`editrl.common.families.tiny.qwen_image_edit`, 64x64 source, 4 steps,
 true CFG): the stock pipeline call takes 7-10 s, and the resize itself (PIL + preprocessing) is milliseconds. The
 cost is what the 1024x1024 area implies downstream: VAE encode of the condition ~1.8 s and decode of the 1024x1024
 edit ~2.9 s (conv3d + the VAE mid-block attention over 128x128 positions), 8 transformer forwards over 4096 generated
@@ -50,9 +50,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from editrl.common.family import Rollout
-from editrl.common.flow import STEPS, LoraSpec, add_lora, sde_window
+from editrl.common.families.base import Rollout
+from editrl.common.families.flow import STEPS, sde_window
 from editrl.common.hf_processors import load_image_text_processor
+from editrl.common.lora import LoraSpec, add_lora
 
 __all__ = [
     "PIPELINE_CONDITION_AREA",
@@ -86,7 +87,9 @@ QWEN_LORA_TARGETS: tuple[str, ...] = (
     "txt_mlp.net.2",
 )
 
-_TINY_MARKER = "editrl_tiny.json"  # written by editrl.common.tiny_qwen_edit; never present in a real checkpoint
+_TINY_MARKER = (
+    "editrl_tiny.json"  # written by editrl.common.families.tiny.qwen_image_edit; never present in a real checkpoint
+)
 
 
 def load_edit_processor(path: str | Path, subfolder: str = "processor") -> Any:
@@ -249,7 +252,7 @@ def _checkpoint_condition_area(path: str | Path) -> int:
 class QwenImageEditPolicy:
     """Qwen-Image-Edit with the Flow-GRPO SDE sampler and true CFG, as a stochastic policy over latent trajectories.
 
-    Implements both ActorPolicy and LearnerPolicy (common/family.py). The actor loads the whole pipeline and uses its
+    Implements both ActorPolicy and LearnerPolicy (common/families/base.py). The actor loads the whole pipeline and uses its
     encoders, VAE and transformer; the learner loads only the transformer and the scheduler config
     (``with_pipeline=False``). ``recompute`` reads the sampler settings from the rollout's params and cond, never from
     this object, so the actor's settings always win.
@@ -503,7 +506,7 @@ class QwenImageEditPolicy:
 
 
 def load_qwen_image_edit(policy_cfg: Any, *, with_pipeline: bool) -> QwenImageEditPolicy:
-    """The Qwen-Image-Edit policy for a ``config.PolicyConfig`` (see :func:`editrl.common.family.load_policy`).
+    """The Qwen-Image-Edit policy for a ``config.PolicyConfig`` (see :func:`editrl.common.families.base.load_policy`).
 
     ``policy.sampler.guidance`` is the true-CFG scale.
     """

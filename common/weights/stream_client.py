@@ -1,6 +1,6 @@
 """The actor side of the stream weight transport: pull a published version from the learner's weight server.
 
-See :mod:`editrl.common.weights_stream` for the protocol, the server and the failure model. :func:`fetch_stream`
+See :mod:`editrl.common.weights.stream_server` for the protocol, the server and the failure model. :func:`fetch_stream`
 keeps ``window`` chunk requests in flight, verifies every chunk and the whole blob, and returns the tensors as
 zero-copy views of the received buffer (:func:`tensors_from_buffer`); :func:`load_weights` picks the transport from
 the announced uri.
@@ -25,8 +25,8 @@ import zmq
 from editrl.common import wire
 from editrl.common.net import harden
 from editrl.common.security import HandshakeWatch, SecurityConfig, secure_client
-from editrl.common.weights import load_published
-from editrl.common.weights_stream import (
+from editrl.common.weights.file import load_published
+from editrl.common.weights.stream_server import (
     _SHA256_HEX,
     FETCH_RETRIES,
     FETCH_TIMEOUT_S,

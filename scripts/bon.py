@@ -25,7 +25,7 @@ Guarantees:
   ``tasks_unscored`` for that k, gets no image there, and is not in that k's mean. A task whose source image is
   missing is listed under ``missing_sources``.
 
-Failure model: as ``editrl eval`` (:mod:`editrl.common.evaluate`): a group the pool does not answer within
+Failure model: as ``editrl eval`` (:mod:`editrl.scripts.evaluate`): a group the pool does not answer within
 2 x ``--timeout`` stops the run with exit 1, and every answer received before is on disk.
 """
 
@@ -40,7 +40,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from editrl.common.offline import (
+from editrl.scripts.offline import (
     DEFAULT_TIMEOUT_S,
     SUMMARY_FILE,
     Editor,
@@ -297,7 +297,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def standalone(argv: list[str] | None = None) -> int:
-    """``python -m editrl.common.bon ...`` (the same as ``editrl bon ...``)."""
+    """``python -m editrl.scripts.bon ...`` (the same as ``editrl bon ...``)."""
     parser = argparse.ArgumentParser(prog="editrl")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bon", *(sys.argv[1:] if argv is None else argv)])

@@ -14,7 +14,7 @@ Sizes (64x64 RGB image):
 - Scheduler: saved as EulerAncestralDiscreteScheduler with SD 1.x betas, as the real checkpoint ships it; the
   ``ddim`` family swaps in DDIMScheduler.from_config. No safety checker, no feature extractor.
 
-VAE init note: as in `common/tiny.py`, the random decoder uses 2 norm groups and a rescaled ``conv_out`` so decoded
+VAE init note: as in `common/families/tiny/flux_kontext.py`, the random decoder uses 2 norm groups and a rescaled ``conv_out`` so decoded
 colours react to latent changes.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from editrl.common.tiny import TINY_WORDS
+from editrl.common.families.tiny.flux_kontext import TINY_WORDS
 
 __all__ = ["build_tiny_instruct_pix2pix"]
 

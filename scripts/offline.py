@@ -111,7 +111,7 @@ def policy_identity(cfg: TopologyConfig, checkpoint: str | None, seed: int) -> d
 def checkpoint_kind(path: str | Path) -> str:
     """``"published"`` (a weights/vNNNNNN dir with its DONE marker) or ``"file"`` (.safetensors); else ValueError.
     Checked before anything is recorded, so a mistyped path never becomes part of a run's identity."""
-    from editrl.common.weights import DONE_FILE
+    from editrl.common.weights.file import DONE_FILE
 
     path = Path(path)
     if path.is_dir() and (path / DONE_FILE).is_file():
@@ -126,7 +126,7 @@ def load_checkpoint_state(path: str | Path) -> dict[str, Any]:
     ``.safetensors`` file. Raises ValueError for anything else or a version that does not verify."""
     from safetensors.torch import load_file
 
-    from editrl.common.weights import DONE_FILE, load_published
+    from editrl.common.weights.file import DONE_FILE, load_published
     from editrl.common.wire import WeightsInfo
 
     path = Path(path)
@@ -148,8 +148,8 @@ class Editor:
         if self.policy is None:
             import torch
 
-            from editrl.common.family import build_tiny, load_policy
-            from editrl.common.flow import load_lora_state_dict
+            from editrl.common.families.base import build_tiny, load_policy
+            from editrl.common.lora import load_lora_state_dict
 
             torch.set_num_threads(self.cfg.actors.threads)
             if self.cfg.policy.make_tiny:

@@ -1,0 +1,3 @@
+"""Editor families: the family interface and registry (``base``), the flow sampler math (``flow``), one module per
+editor (``flux_kontext``, ``qwen_image_edit``, ``ddim`` for InstructPix2Pix, ``ar`` for Emu3-style token editors and
+its vLLM engine ``ar_vllm``), and the tiny random-weight checkpoint builders (``tiny/``)."""
