@@ -23,7 +23,7 @@ _FIELD = re.compile(r"^\s+(\w+): [^#]*?(?:#\s*(.*))?$")
 HEADER = """# The topology file
 
 Every key of the YAML topology file, generated from the config schema by `python -m editrl.scripts.config_doc`
-(`tests/unit/common/test_config_doc.py` fails when this page and the schema disagree). Unknown keys are rejected
+(`tests/unit/scripts/test_config_doc.py` fails when this page and the schema disagree). Unknown keys are rejected
 and a bad value stops every process at start-up naming its dotted path; relative paths are resolved against the
 YAML file's folder. Sections: {sections}.
 
