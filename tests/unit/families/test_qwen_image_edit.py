@@ -10,12 +10,10 @@ import pytest
 import torch
 
 from editrl.common.families.base import ActorPolicy, LearnerPolicy, through_wire
-from editrl.common.families.qwen_image_edit import (
+from editrl.common.families.qwen_image_edit import QWEN_LORA_TARGETS, QwenImageEditPolicy, load_edit_processor
+from editrl.common.families.qwen_image_edit_ops import (
     PIPELINE_CONDITION_AREA,
-    QWEN_LORA_TARGETS,
-    QwenImageEditPolicy,
     condition_size,
-    load_edit_processor,
     qwen_edit_schedule,
     qwen_guided_velocity,
 )
