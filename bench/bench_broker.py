@@ -43,7 +43,7 @@ import lmdb
 import numpy as np
 import zmq
 
-from editrl.common import wire
+from editrl.common import codec, wire
 
 MIB = 1 << 20
 GROUP_SIZE = 2  # G edits per group
@@ -224,10 +224,10 @@ def _dealer(ctx: zmq.Context, endpoint: str, name: str) -> zmq.Socket:
 
 
 def _roundtrip(sock: zmq.Socket, msg: Any, timeout_s: float = 10.0) -> Any:
-    sock.send_multipart(wire.encode(msg))
+    sock.send_multipart(codec.encode(msg))
     if not sock.poll(int(timeout_s * 1000)):
         raise TimeoutError(f"no reply to {type(msg).__name__}")
-    return wire.decode(sock.recv_multipart())
+    return codec.decode(sock.recv_multipart())
 
 
 def drive_broker(
@@ -242,7 +242,7 @@ def drive_broker(
         template = make_group(payload_kib)
         payload_bytes = template.traj["latents"].nbytes
         # Warm-up: every socket connected; the scorer registered (ScorerReady is handled before the Status reply).
-        scorer.send_multipart(wire.encode(wire.ScorerReady("bench-scorer", "metric", 4 * window)))
+        scorer.send_multipart(codec.encode(wire.ScorerReady("bench-scorer", "metric", 4 * window)))
         for sock in (scorer, actor, learner):
             assert isinstance(_roundtrip(sock, wire.StatusRequest("warm")), wire.Status)
 
@@ -261,24 +261,24 @@ def drive_broker(
             while sent < n and len(inflight) < window:
                 g = dataclasses.replace(template, request_id=f"req-{sent}", group_id=f"g-{sent}",
                                         lease_id=f"fake-lease-{sent}")  # fmt: skip
-                actor.send_multipart(wire.encode(g), copy=False)
+                actor.send_multipart(codec.encode(g), copy=False)
                 inflight[g.request_id] = time.perf_counter()
                 sent += 1
             if not sample_outstanding and now >= next_sample_at:
                 learner.send_multipart(
-                    wire.encode(
+                    codec.encode(
                         wire.SampleRequest(f"s-{n_batches + n_waits}", 0, n_batches + 1, 0, SAMPLE_MAX_GROUPS, 0)
                     )
                 )
                 sample_outstanding = True
             if now >= next_heartbeat:
-                scorer.send_multipart(wire.encode(wire.Heartbeat("bench-scorer")))
+                scorer.send_multipart(codec.encode(wire.Heartbeat("bench-scorer")))
                 next_heartbeat = now + wire.HEARTBEAT_INTERVAL_S
             wait_ms = 100 if sample_outstanding else max(0, int((next_sample_at - now) * 1000))
             events = dict(poller.poll(wait_ms))
             if actor in events:
                 while actor.poll(0):
-                    ack = wire.decode(actor.recv_multipart(copy=False))
+                    ack = codec.decode(actor.recv_multipart(copy=False))
                     if not isinstance(ack, wire.Ack) or not ack.ok:
                         raise RuntimeError(f"actor got {ack!r}")
                     t_sent = inflight.pop(ack.request_id, None)
@@ -286,16 +286,16 @@ def drive_broker(
                         ack_latency.append(time.perf_counter() - t_sent)
             if scorer in events:
                 while scorer.poll(0):
-                    job = wire.decode(scorer.recv_multipart(copy=False))
+                    job = codec.decode(scorer.recv_multipart(copy=False))
                     if isinstance(job, wire.ScoreJob):
                         k = len(job.edit_pngs)
                         result = wire.ScoreResult(job.job_id, job.group_id, "bench-scorer", [True] * k, [1.0] * k,
                                                   [{"q": 1.0}] * k, [""] * k)  # fmt: skip
-                        scorer.send_multipart(wire.encode(result))
+                        scorer.send_multipart(codec.encode(result))
                         scored += 1
             if learner in events:
                 while learner.poll(0):
-                    reply = wire.decode(learner.recv_multipart(copy=False))
+                    reply = codec.decode(learner.recv_multipart(copy=False))
                     sample_outstanding = False
                     if isinstance(reply, wire.Batch):
                         n_batches += 1
@@ -312,7 +312,7 @@ def drive_broker(
                 raise TimeoutError(f"e2e: sent {sent}, received {received}/{n} after {timeout_s} s")
         t1 = time.perf_counter()
         assert last_batch is not None
-        last = wire.decode(wire.decode_record(last_batch.groups[-1]))
+        last = codec.decode(codec.decode_record(last_batch.groups[-1]))
         assert last.traj["latents"].nbytes == payload_bytes
         counters = _roundtrip(learner, wire.StatusRequest("final")).counters
     finally:
@@ -348,7 +348,7 @@ def bench_replay(n: int, payload_kib: int, insert_batch: int, sample_batch: int)
     """Raw LMDB and ReplayStore side by side, batch by batch (paired timing: the disk's drift hits both alike)."""
     from editrl.broker.store import ReplayStore
 
-    record = wire.encode_record(wire.encode(make_group(payload_kib)))
+    record = codec.encode_record(codec.encode(make_group(payload_kib)))
     rec_bytes = len(record)
     map_size = max(64 * MIB, int(n * (rec_bytes + 64 * 1024) * 2))
     tmp = tempfile.mkdtemp(prefix="editrl-bench-replay-", dir=TMP_ROOT)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from editrl.broker.store import ReplayStore
-from editrl.common import wire
+from editrl.common import codec, wire
 from editrl.common.net import new_id
 
 JobPayload = tuple[str, str, bytes, list[bytes]]  # instruction, task_type, source PNG, edit PNGs
@@ -253,6 +253,6 @@ class ScorerPool:
         record = self.store.get_record(group_id)
         if status is None or record is None or status["state"] != "pending":
             return None
-        payload = job_payload(wire.decode(wire.decode_record(record)))
+        payload = job_payload(codec.decode(codec.decode_record(record)))
         self.payloads[group_id] = payload
         return payload

@@ -33,7 +33,7 @@ import zmq
 from editrl.broker.processes import ProcessTable
 from editrl.broker.scorers import ScorerPool, job_payload
 from editrl.broker.store import ReplayStore, SampleSpec
-from editrl.common import wire
+from editrl.common import codec, wire
 from editrl.common.net import harden, new_id
 from editrl.common.security import SecurityConfig, ServerWatch, secure_server
 from editrl.common.tasks import Task
@@ -183,7 +183,7 @@ class Broker:
                     break
                 identity, payload = frames[0].bytes, frames[1:]
                 try:
-                    msg = wire.decode(payload)
+                    msg = codec.decode(payload)
                 except wire.WireError as exc:
                     self._reject(identity, exc)
                     continue
@@ -236,7 +236,7 @@ class Broker:
     def _commit(self, turn: Turn) -> None:
         inserts, accepted = [], []
         for identity, g in turn.groups:
-            record = wire.encode_record(wire.encode(g))
+            record = codec.encode_record(codec.encode(g))
             if len(record) > wire.MAX_FRAME_BYTES:  # could never be handed to a learner in one frame: refuse, once
                 self.gauges["rejected/group_too_large"] += 1
                 self.log.error("group_rejected_too_large", group_id=g.group_id, bytes=len(record))
@@ -325,7 +325,7 @@ class Broker:
 
     def _send(self, identity: bytes, msg: Any) -> None:
         try:  # never block the loop on one peer: a full pipe (a peer that stopped reading) drops this reply
-            self.sock.send_multipart([identity, *wire.encode(msg)], flags=zmq.NOBLOCK, copy=False)
+            self.sock.send_multipart([identity, *codec.encode(msg)], flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:  # EHOSTUNREACH (peer left) or EAGAIN (its pipe is full): it resends, same ids
             self.gauges["send_failed"] += 1
             self.log.debug("reply_undeliverable", error=str(exc))

@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from editrl.common import wire
+from editrl.common import codec, wire
 from editrl.common.security import HandshakeWatch, SecurityConfig, secure_client
 
 
@@ -71,7 +71,7 @@ class BrokerClient:
 
         ``retries=-1`` retries forever (until ``should_stop()`` is true, then raises TimeoutError).
         """
-        frames = wire.encode(msg)
+        frames = codec.encode(msg)
         attempt = 0
         while True:
             assert self.sock is not None
@@ -84,7 +84,7 @@ class BrokerClient:
                     if should_stop is not None and should_stop():
                         raise TimeoutError("stopped while waiting for the broker")
                     continue
-                reply = wire.decode(self.sock.recv_multipart(copy=False))
+                reply = codec.decode(self.sock.recv_multipart(copy=False))
                 if getattr(reply, "request_id", None) == msg.request_id:
                     return reply
             attempt += 1

@@ -30,7 +30,7 @@ import numpy as np
 import torch.distributed as dist
 import zmq
 
-from editrl.common import wire
+from editrl.common import codec, wire
 from editrl.common.config import TopologyConfig
 from editrl.common.families.base import load_policy
 from editrl.common.net import BrokerClient, new_id
@@ -125,7 +125,7 @@ class Learner:
                 continue
             self.dropped_stale += reply.dropped_stale
             for record, r in zip(reply.groups, reply.rewards, strict=True):
-                groups.append(wire.decode(wire.decode_record(record)))
+                groups.append(codec.decode(codec.decode_record(record)))
                 rewards.append(np.asarray(r, dtype=np.float32))
         return groups, rewards, wait_s
 

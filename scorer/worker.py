@@ -19,7 +19,7 @@ from typing import Any
 
 import zmq
 
-from editrl.common import wire
+from editrl.common import codec, wire
 from editrl.common.config import TopologyConfig
 from editrl.common.images import from_png
 from editrl.common.net import harden, new_id
@@ -41,7 +41,7 @@ def run_worker(cfg: TopologyConfig, index: int, backend: ScoreBackend, log: Any,
     beat = threading.Thread(target=_heartbeats, args=(ctx, cfg, worker_id, done), daemon=True)
     beat.start()
     batch = cfg.scorers.batch  # groups per backend call; announced as our capacity so the broker keeps us full
-    ready = wire.encode(wire.ScorerReady(worker_id, cfg.scorers.backend, batch))
+    ready = codec.encode(wire.ScorerReady(worker_id, cfg.scorers.backend, batch))
     last_ready = 0.0
     n_jobs = 0
     log.info("scorer_started", backend=cfg.scorers.backend, endpoint=cfg.broker.endpoint)
@@ -59,7 +59,7 @@ def run_worker(cfg: TopologyConfig, index: int, backend: ScoreBackend, log: Any,
                 continue
             t0 = time.monotonic()
             for result in score_jobs(backend, jobs, worker_id, log):
-                sock.send_multipart(wire.encode(result))
+                sock.send_multipart(codec.encode(result))
             n_jobs += len(jobs)
             log.debug("jobs_scored", groups=len(jobs), seconds=round(time.monotonic() - t0, 4), n_jobs=n_jobs)
     finally:
@@ -75,7 +75,7 @@ def _heartbeats(ctx: zmq.Context, cfg: TopologyConfig, worker_id: str, done: thr
     sock.setsockopt(zmq.ROUTING_ID, f"{worker_id}-hb-{os.getpid()}".encode())
     secure_client(sock, cfg.security)
     sock.connect(cfg.broker.endpoint)
-    beat = wire.encode(wire.Heartbeat(worker_id))
+    beat = codec.encode(wire.Heartbeat(worker_id))
     while not done.wait(cfg.timers.heartbeat_interval_s):
         with contextlib.suppress(zmq.Again):
             sock.send_multipart(beat, flags=zmq.NOBLOCK)
@@ -87,7 +87,7 @@ def _receive_jobs(sock: zmq.Socket, batch: int, log: Any, linger_ms: int = 5) ->
     jobs: list[wire.ScoreJob] = []
     while len(jobs) < batch and sock.poll(0 if not jobs else linger_ms):
         try:
-            msg = wire.decode(sock.recv_multipart(copy=False))
+            msg = codec.decode(sock.recv_multipart(copy=False))
         except wire.WireError as exc:
             log.warning("message_rejected", reason=exc.reason)
             continue

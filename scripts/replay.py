@@ -258,7 +258,7 @@ def _fetch(store: Any, group_id: str) -> tuple[dict[str, Any] | None, Any]:
     """``(status or None if unknown, RolloutGroup or None if evicted)``: one short transaction, decoded after it."""
     import msgpack
 
-    from editrl.common import wire
+    from editrl.common import codec, wire
 
     gid = group_id.encode()
     if not 0 < len(gid) <= wire.MAX_ID_BYTES:  # also keeps LMDB's key-size error away
@@ -272,7 +272,7 @@ def _fetch(store: Any, group_id: str) -> tuple[dict[str, Any] | None, Any]:
     if raw_status is None:
         return None, None
     try:
-        group = None if record is None else wire.decode(wire.decode_record(record))
+        group = None if record is None else codec.decode(codec.decode_record(record))
     except wire.WireError as exc:
         raise ReplayToolError(f"the stored record of group {group_id} does not decode: {exc}") from None
     return msgpack.unpackb(raw_status, raw=False), group

@@ -202,10 +202,10 @@ def rollout_message(rollout: Rollout, source: Any, **ids: Any) -> Any:
 def through_wire(rollout: Rollout, source: Any, policy_version: int = 0) -> Any:
     """What a learner receives for ``rollout``: its RolloutGroup encoded and decoded (the stored float/int64 frames);
     for tests and tools that check recompute exactness."""
-    from editrl.common import wire
+    from editrl.common import codec
 
     msg = rollout_message(
         rollout, source, request_id="r", group_id="g", lease_id="l", task_id="t", actor_id="a",
         policy_version=policy_version, instruction="edit", task_type="edit",
     )  # fmt: skip
-    return wire.decode([bytes(f) for f in wire.encode(msg)])
+    return codec.decode([bytes(f) for f in codec.encode(msg)])

@@ -8,7 +8,7 @@ import time
 
 import zmq
 
-from editrl.common import wire
+from editrl.common import codec, wire
 from editrl.common.net import harden
 
 
@@ -18,9 +18,9 @@ def main() -> None:
     sock = harden(ctx.socket(zmq.DEALER))
     sock.setsockopt(zmq.ROUTING_ID, worker_id.encode())
     sock.connect(endpoint)
-    sock.send_multipart(wire.encode(wire.ScorerReady(worker_id, "metric", 1)))
+    sock.send_multipart(codec.encode(wire.ScorerReady(worker_id, "metric", 1)))
     while True:
-        sock.send_multipart(wire.encode(wire.Heartbeat(worker_id)))
+        sock.send_multipart(codec.encode(wire.Heartbeat(worker_id)))
         if sock.poll(200):  # heartbeats well inside any scorer liveness a topology may set
             sock.recv_multipart()  # a job: swallowed, never answered
         time.sleep(0.1)

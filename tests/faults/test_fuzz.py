@@ -1,7 +1,7 @@
 """Fuzz the real broker process with >10,000 malformed messages: it must reject and count every one, log each
 reason once, keep serving valid requests and stop cleanly on SIGTERM.
 
-Every malformed message is first decoded in this process (``wire.decode`` is the oracle): it must raise
+Every malformed message is first decoded in this process (``codec.decode`` is the oracle): it must raise
 ``WireError`` — its ``reason`` is the counter the broker must bump — or be a valid broker→client message, which the
 broker rejects as ``unexpected_type``. Anything the decoder accepts or crashes on is reported as a finding.
 """
@@ -31,7 +31,7 @@ import yaml
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from editrl.common import wire
+from editrl.common import codec, wire
 from editrl.common.net import harden
 from editrl.common.tasks import make_quickstart_tasks
 
@@ -123,12 +123,12 @@ def _dealer(ctx: zmq.Context, endpoint: str, name: str) -> zmq.Socket:
 
 def _ask(sock: zmq.Socket, msg: Any, broker: BrokerProc, timeout_s: float = 10.0) -> Any:
     """Send a valid request; return the reply with its request_id (replies to anything else are skipped)."""
-    sock.send_multipart(wire.encode(msg))
+    sock.send_multipart(codec.encode(msg))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert broker.proc.poll() is None, f"broker died (exit {broker.proc.returncode}):\n{broker.stderr_tail()}"
         if sock.poll(100):
-            reply = wire.decode(sock.recv_multipart())
+            reply = codec.decode(sock.recv_multipart())
             if getattr(reply, "request_id", None) == msg.request_id:
                 return reply
     raise AssertionError(f"no reply to {type(msg).__name__} in {timeout_s}s:\n{broker.stderr_tail()}")
@@ -183,7 +183,7 @@ def _hints(type_name: str) -> dict[str, Any]:
 def _template(type_name: str) -> tuple[dict[str, Any], list[bytes]]:
     """A valid message of this type as (metadata map, payload frames)."""
     cls = wire.MESSAGE_TYPES[type_name]
-    frames = wire.encode(cls(**{name: _valid(hint, name) for name, hint in _hints(type_name).items()}))
+    frames = codec.encode(cls(**{name: _valid(hint, name) for name, hint in _hints(type_name).items()}))
     return msgpack.unpackb(frames[0], raw=False), [bytes(f) for f in frames[1:]]
 
 
@@ -447,7 +447,7 @@ def _group_cases() -> list[Case]:
     ):
         fields = {name: _valid(hint, name) for name, hint in _hints("RolloutGroup").items()}
         fields.update(over)
-        frames = [bytes(f) for f in wire.encode(wire.RolloutGroup(**fields))]
+        frames = [bytes(f) for f in codec.encode(wire.RolloutGroup(**fields))]
         out.append(Case("bad_group", frames, label=label))
     return out
 
@@ -558,7 +558,7 @@ def _random_cases(rng: random.Random, n: int) -> list[Case]:
 def _classify(case: Case) -> tuple[str, str]:
     """The decoder as an oracle: what the broker must count this message as."""
     try:
-        msg = wire.decode(case.frames)
+        msg = codec.decode(case.frames)
     except wire.WireError as exc:
         return ("reject", exc.reason)
     except Exception as exc:  # a decoder bug: the broker would crash the same way
@@ -611,7 +611,7 @@ def test_broker_survives_and_counts_10k_malformed_messages(broker_proc):
     corpus = build_corpus()
     for name in FUZZ_TYPES + REPLY_TYPES:  # the valid templates the mutations start from are valid
         meta, payload = _template(name)
-        assert type(wire.decode(_pack(meta, payload))).__name__ == name
+        assert type(codec.decode(_pack(meta, payload))).__name__ == name
     findings = [f"{c.category}: {c.label or c.frames[0][:60]!r} -> {c.outcome}" for c in corpus
                 if c.outcome[0] == "crash" or c.outcome[0] == "accept" and c.category not in SEMANTIC]  # fmt: skip
     expected = collections.Counter(c.outcome[1] for c in corpus if c.outcome[0] == "reject" and not c.throwaway)
@@ -626,9 +626,9 @@ def test_broker_survives_and_counts_10k_malformed_messages(broker_proc):
         deadline = time.monotonic() + 30
         while True:  # up: answers a StatusRequest
             assert broker_proc.proc.poll() is None, f"broker exited at start-up:\n{broker_proc.stderr_tail()}"
-            probe.send_multipart(wire.encode(wire.StatusRequest("up")))
+            probe.send_multipart(codec.encode(wire.StatusRequest("up")))
             if probe.poll(500):
-                before = _rejected(wire.decode(probe.recv_multipart()).counters)
+                before = _rejected(codec.decode(probe.recv_multipart()).counters)
                 break
             assert time.monotonic() < deadline, f"broker not answering after 30 s:\n{broker_proc.stderr_tail()}"
         assert before == {}
@@ -656,7 +656,7 @@ def test_broker_survives_and_counts_10k_malformed_messages(broker_proc):
         ctx.destroy(linger=0)
 
     rejected = _rejected(status.counters)
-    assert not findings, f"{len(findings)} malformed messages not rejected by wire.decode:\n" + "\n".join(findings)
+    assert not findings, f"{len(findings)} malformed messages not rejected by codec.decode:\n" + "\n".join(findings)
     # every message that reached the broker was rejected and counted once, under the reason the decoder gives
     assert sum(rejected.values()) == len(regular), (rejected, len(regular), dict(sent))
     assert all(rejected.get(reason, 0) >= n for reason, n in expected.items()), (rejected, dict(expected))

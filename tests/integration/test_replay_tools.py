@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from editrl.broker.store import ReplayStore
-from editrl.common import wire
+from editrl.common import codec
 from editrl.scripts.replay import STATES
 
 from .conftest import write_topology
@@ -202,7 +202,7 @@ def test_show_prints_the_instruction_rewards_subscores_and_reasoning(replay_run,
     assert [e["sub_scores"] for e in info["edits"]] == status["scores"]["sub_scores"]
     assert [e["reasoning"] for e in info["edits"]] == status["scores"]["reasoning"]
     assert all(e["sub_scores"] and e["reasoning"] for e in info["edits"])  # the metric judge fills both
-    group = wire.decode(wire.decode_record(replay_run.records[gid]))
+    group = codec.decode(codec.decode_record(replay_run.records[gid]))
     assert len(info["edits"]) == len(group.edit_pngs) == status["group_size"]
     assert info["family"] == group.family and info["source"]["bytes"] == len(group.source_png)
 
@@ -298,7 +298,7 @@ def test_export_writes_a_self_contained_viewer_of_every_stored_group(replay_run,
         assert [float(r) for r in g["edit_rewards"]] == pytest.approx(status["rewards"], abs=1e-6)
         assert g["titles"] == status["scores"]["reasoning"]
     group = page.groups[0]
-    record = wire.decode(wire.decode_record(replay_run.records[group["data-group-id"]]))
+    record = codec.decode(codec.decode_record(replay_run.records[group["data-group-id"]]))
     assert (out / group["imgs"][0]).read_bytes() == record.source_png  # the source first, then the edits in order
     assert [(out / s).read_bytes() for s in group["imgs"][1:]] == record.edit_pngs
 

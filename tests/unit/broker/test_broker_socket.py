@@ -11,7 +11,7 @@ import zmq
 
 from editrl.broker.server import Broker
 from editrl.broker.store import ReplayStore
-from editrl.common import wire
+from editrl.common import codec, wire
 from editrl.common.net import harden
 from editrl.common.tasks import Task
 
@@ -43,9 +43,9 @@ def _dealer(ctx, endpoint, name):
 
 
 def _ask(sock, msg, timeout_ms=5000):
-    sock.send_multipart(wire.encode(msg))
+    sock.send_multipart(codec.encode(msg))
     assert sock.poll(timeout_ms), f"no reply to {type(msg).__name__}"
-    return wire.decode(sock.recv_multipart())
+    return codec.decode(sock.recv_multipart())
 
 
 def _group(lease, gid, version=0):
@@ -70,8 +70,8 @@ def test_lease_ingest_score_sample_round_trip(broker):
     job = _ask(scorer, wire.ScorerReady("s0", "metric", 1))
     assert isinstance(job, wire.ScoreJob) and job.group_id == "g1" and job.edit_pngs == [b"e0", b"e1"]
     result = wire.ScoreResult(job.job_id, "g1", "s0", [True, True], [2.0, 6.0], [{}, {}], ["", ""])
-    scorer.send_multipart(wire.encode(result))
-    scorer.send_multipart(wire.encode(result))  # a late duplicate result is ignored
+    scorer.send_multipart(codec.encode(result))
+    scorer.send_multipart(codec.encode(result))  # a late duplicate result is ignored
 
     learner = _dealer(ctx, b.endpoint, "learner")
     deadline = time.monotonic() + 5
@@ -81,7 +81,7 @@ def test_lease_ingest_score_sample_round_trip(broker):
             break
         time.sleep(0.05)
     assert isinstance(reply, wire.Batch) and reply.rewards == [[2.0, 6.0]]
-    assert wire.decode(wire.decode_record(reply.groups[0])).group_id == "g1"
+    assert codec.decode(codec.decode_record(reply.groups[0])).group_id == "g1"
     assert isinstance(_ask(learner, wire.SampleRequest("s2", 0, 2, 0, 4, 0)), wire.Wait)  # consumed exactly once
     counters = _ask(learner, wire.StatusRequest("st")).counters
     assert counters["ingested"] == 1 and counters["duplicate_groups"] == 1 and counters["consumed"] == 1
@@ -124,13 +124,13 @@ def test_dead_scorer_job_is_requeued_to_another(broker):
     first = _ask(dead, wire.ScorerReady("s-dead", "metric", 1))
     dead.close(linger=0)  # dies mid-job: no result, no heartbeats
     alive = _dealer(ctx, b.endpoint, "alive")
-    alive.send_multipart(wire.encode(wire.ScorerReady("s-alive", "metric", 1)))
+    alive.send_multipart(codec.encode(wire.ScorerReady("s-alive", "metric", 1)))
     deadline = time.monotonic() + 5
     job = None
     while time.monotonic() < deadline and job is None:
-        alive.send_multipart(wire.encode(wire.Heartbeat("s-alive")))
+        alive.send_multipart(codec.encode(wire.Heartbeat("s-alive")))
         if alive.poll(200):
-            job = wire.decode(alive.recv_multipart())
+            job = codec.decode(alive.recv_multipart())
     assert job is not None and job.group_id == "g1" and job.job_id != first.job_id
 
 
@@ -149,9 +149,9 @@ def test_bad_ids_and_mismatched_results_are_rejected_not_fatal(broker):
     lease = _ask(actor, wire.LeaseRequest("a0", "l1"))
     _ask(actor, _group(lease, "g1"))
     bad = _dealer(ctx, b.endpoint, "bad")
-    bad.send_multipart(wire.encode(wire.SkipTask("r", "", "t", "a0", "x")))  # empty id: an LMDB key error
-    bad.send_multipart(wire.encode(wire.ScoreResult("j", "g1", "s", [True], [1.0], [{}], [""])))  # 1 score for 2
-    bad.send_multipart(wire.encode(wire.ScoreResult("j", "nope", "s", [True], [1.0], [{}], [""])))
+    bad.send_multipart(codec.encode(wire.SkipTask("r", "", "t", "a0", "x")))  # empty id: an LMDB key error
+    bad.send_multipart(codec.encode(wire.ScoreResult("j", "g1", "s", [True], [1.0], [{}], [""])))  # 1 score for 2
+    bad.send_multipart(codec.encode(wire.ScoreResult("j", "nope", "s", [True], [1.0], [{}], [""])))
     deadline = time.monotonic() + 5  # another socket: no ordering with the status request, so poll
     while "rejected/result_unknown_group" not in (counters := _ask(actor, wire.StatusRequest("st")).counters):
         assert time.monotonic() < deadline, counters

@@ -4,7 +4,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from editrl.common import wire
+from editrl.common import codec, wire
 
 
 def _group(**over):
@@ -21,12 +21,12 @@ def _group(**over):
 
 
 def _frames(msg):
-    return [bytes(f) for f in wire.encode(msg)]
+    return [bytes(f) for f in codec.encode(msg)]
 
 
 def test_round_trip_preserves_every_field():
     msg = _group()
-    out = wire.decode(_frames(msg))
+    out = codec.decode(_frames(msg))
     assert out.group_id == "g1" and out.policy_version == 3 and out.edit_pngs == [b"e0", b"e1"]
     np.testing.assert_array_equal(out.traj["latents"], msg.traj["latents"])
     assert out.traj["latents"].dtype == np.float32 and out.cond["prompt_embeds"].shape == (7, 8)
@@ -34,8 +34,8 @@ def test_round_trip_preserves_every_field():
 
 
 def test_record_round_trip():
-    frames = wire.encode(_group())
-    out = wire.decode(wire.decode_record(wire.encode_record(frames)))
+    frames = codec.encode(_group())
+    out = codec.decode(codec.decode_record(codec.encode_record(frames)))
     assert out.cond["sigmas"][0] == 1.0
 
 
@@ -59,7 +59,7 @@ def _with_meta(frames, meta):
 )
 def test_rejects_truncated_and_garbage(mutate, reason):
     with pytest.raises(wire.WireError) as exc:
-        wire.decode(mutate(_frames(_group())))
+        codec.decode(mutate(_frames(_group())))
     assert exc.value.reason == reason
 
 
@@ -68,19 +68,19 @@ def test_rejects_unknown_and_missing_fields_and_wrong_types():
     meta = _meta(frames)
     meta["fields"]["surprise"] = 1
     with pytest.raises(wire.WireError, match="unknown_field"):
-        wire.decode(_with_meta(frames, meta))
+        codec.decode(_with_meta(frames, meta))
     meta = _meta(frames)
     del meta["fields"]["family"]
     with pytest.raises(wire.WireError, match="missing_field"):
-        wire.decode(_with_meta(frames, meta))
+        codec.decode(_with_meta(frames, meta))
     meta = _meta(frames)
     meta["fields"]["family"] = 64
     with pytest.raises(wire.WireError, match="wrong_type"):
-        wire.decode(_with_meta(frames, meta))
+        codec.decode(_with_meta(frames, meta))
     meta = _meta(frames)
     meta["fields"]["params"]["noise_level"] = float("nan")
     with pytest.raises(wire.WireError, match="non_finite"):
-        wire.decode(_with_meta(frames, meta))
+        codec.decode(_with_meta(frames, meta))
 
 
 def test_rejects_shape_mismatch_bad_dtype_and_version():
@@ -88,36 +88,36 @@ def test_rejects_shape_mismatch_bad_dtype_and_version():
     meta = _meta(frames)
     meta["fields"]["traj"]["latents"]["shape"] = [2, 5, 4, 4]
     with pytest.raises(wire.WireError, match="shape_mismatch"):
-        wire.decode(_with_meta(frames, meta))
+        codec.decode(_with_meta(frames, meta))
     meta = _meta(frames)
     meta["fields"]["traj"]["latents"]["dtype"] = "object"
     with pytest.raises(wire.WireError, match="bad_dtype"):
-        wire.decode(_with_meta(frames, meta))
+        codec.decode(_with_meta(frames, meta))
     meta = _meta(frames)
     meta["proto"] = wire.PROTOCOL_VERSION + 1
     with pytest.raises(wire.WireError, match="bad_protocol_version"):
-        wire.decode(_with_meta(frames, meta))
+        codec.decode(_with_meta(frames, meta))
 
 
 def test_rejects_non_finite_arrays_and_ext_types():
     bad = _group(log_probs=np.array([[np.inf, 0, 0, 0], [0, 0, 0, 0]], np.float32))
     with pytest.raises(wire.WireError, match="non_finite"):
-        wire.decode(_frames(bad))
+        codec.decode(_frames(bad))
     ext = msgpack.packb({"proto": 1, "type": "Heartbeat", "fields": {"worker_id": msgpack.ExtType(1, b"x")}})
     with pytest.raises(wire.WireError, match="ext_type"):
-        wire.decode([ext])
+        codec.decode([ext])
 
 
 def test_rejects_oversized_frames():
     frames = _frames(wire.Heartbeat("w"))
     with pytest.raises(wire.WireError, match="meta_too_large"):
-        wire.decode([b"\x00" * (wire.MAX_META_BYTES + 1)])
+        codec.decode([b"\x00" * (wire.MAX_META_BYTES + 1)])
     big = memoryview(bytearray(wire.MAX_FRAME_BYTES + 1))
     with pytest.raises(wire.WireError, match="frame_too_large"):
-        wire.decode([frames[0], big])
+        codec.decode([frames[0], big])
 
 
 def test_unknown_type_rejected():
     meta = msgpack.packb({"proto": wire.PROTOCOL_VERSION, "type": "Pickle", "fields": {}})
     with pytest.raises(wire.WireError, match="unknown_type"):
-        wire.decode([meta])
+        codec.decode([meta])
