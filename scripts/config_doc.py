@@ -33,17 +33,12 @@ YAML file's folder. Sections: {sections}.
 
 
 def _comments(cls: type) -> dict[str, str]:
-    """Field name -> its trailing comment in the class source (a continuation comment line is appended)."""
+    """Field name -> its trailing comment in the class source."""
     out: dict[str, str] = {}
-    last = None
     for line in inspect.getsource(cls).splitlines():
         m = _FIELD.match(line)
-        if m and not line.strip().startswith(("#", '"""', "def ")):
-            last = m.group(1)
-            if m.group(2):
-                out[last] = m.group(2).strip()
-        elif line.strip().startswith("#") and last is None:
-            continue
+        if m and m.group(2) and not line.strip().startswith(("#", '"""', "def ")):
+            out[m.group(1)] = m.group(2).strip()
     return out
 
 
