@@ -28,14 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-# The quickstart instructions and the task type each belongs to (EditScore-RL-Data task names).
-QUICKSTART_INSTRUCTIONS: dict[str, str] = {
-    "make it red": "color_alter",
-    "make it blue": "color_alter",
-    "make it green": "color_alter",
-    "make it darker": "tone_transfer",
-    "make it brighter": "tone_transfer",
-}
+from editrl.common.procedural import QUICKSTART_INSTRUCTIONS, draw_source_image
+
 QUICKSTART_TASKS_FILE = "tasks.jsonl"
 QUICKSTART_IMAGES_DIR = "images"
 
@@ -163,31 +157,6 @@ def load_source_image(task: Task) -> Image.Image:
         raise MissingImageError(image_path, f"{_type_name(exc)}: {exc}") from exc
 
 
-def _draw_source_image(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A procedural source image: a flat background with 2-4 circles, rectangles or stripe bands."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)  # [H, W] each
-    image = np.empty((size, size, 3), dtype=np.float32)
-    image[:] = rng.uniform(40, 215, size=3)
-    for _ in range(int(rng.integers(2, 5))):
-        colour = rng.uniform(0, 255, size=3)
-        kind = int(rng.integers(0, 3))
-        if kind == 0:  # circle
-            cy, cx = rng.uniform(0.2, 0.8, size=2) * size
-            radius = rng.uniform(0.1, 0.3) * size
-            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
-        elif kind == 1:  # axis-aligned rectangle
-            y0, x0 = rng.uniform(0.0, 0.6, size=2) * size
-            height, width = rng.uniform(0.2, 0.5, size=2) * size
-            mask = (yy >= y0) & (yy < y0 + height) & (xx >= x0) & (xx < x0 + width)
-        else:  # stripes, horizontal or vertical, inside a band
-            period = max(2, int(rng.integers(4, 12)) * size // 64)
-            axis = xx if rng.random() < 0.5 else yy
-            band_start = rng.uniform(0.0, 0.5) * size
-            mask = ((axis // period) % 2 == 0) & (axis >= band_start) & (axis < band_start + size / 2)
-        image[mask] = colour
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
-
-
 def _write_if_changed(path: Path, data: bytes) -> None:
     """Write atomically, and not at all when the file already holds these bytes (keeps reruns idempotent)."""
     if path.is_file() and path.read_bytes() == data:
@@ -236,7 +205,7 @@ def make_quickstart_tasks(
     for index in range(n_tasks):
         rng = np.random.default_rng([seed, index])  # per-index stream: image i does not depend on n_tasks
         buffer = io.BytesIO()
-        Image.fromarray(_draw_source_image(rng, size)).save(buffer, format="PNG")
+        Image.fromarray(draw_source_image(rng, size)).save(buffer, format="PNG")
         relative_image = f"{QUICKSTART_IMAGES_DIR}/src_{index:04d}.png"
         _write_if_changed(out_dir / relative_image, buffer.getvalue())
         instruction = chosen[index % len(chosen)]

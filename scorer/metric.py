@@ -11,9 +11,21 @@
   moves the wrong way approach 0, with a non-zero gradient everywhere (RL needs graded rewards, also for the
   coloured-noise outputs of an untrained policy). A colour and a tone target together ("dark red") give the
   minimum of both SCs, as VIEScore takes the minimum of its sub-scores.
-- PQ (here: structure preservation) = (SSIM(grey source, grey edit) + 1) / 2 * 10, so an identical image gets 10
-  and unrelated noise about 5 (never 0).
-- overall = sqrt(SC * PQ), VIEScore's combination, on 0-10.
+- PQ (structure kept from the source), ``mapping: strict`` (the default): the grey (BT.601 luma) images are each
+  normalised to zero mean and unit standard deviation, so a global brightness or contrast change (darker,
+  brighter, a tint) keeps its structure, and compared by SSIM (``structure`` in [-1, 1]). The contrast kept,
+  ``contrast = min(1, (std_edit / std_source) / contrast_floor)``, multiplies it: an edit that flattens the image
+  (a flat colour, a faint wash over a bright colour) keeps no structure however its windows correlate. Then
+  ``PQ = 10 * sigmoid(pq_slope * (kept - pq_center)) / sigmoid(pq_slope * (1 - pq_center))``: 10 for an
+  unchanged structure, about 7.6 at 0.8, 2.3 at 0.6 and under 0.4 at 0.4 or less (SSIM 0.5 is a poor score).
+- SC counts the requested change *within the kept structure*: the target shift is multiplied by ``max(kept, 0)``
+  before the ramp, so a flat cyan square scores the SC of an unchanged image for "make it brighter", not 8.6.
+- overall = sqrt(SC * PQ), VIEScore's combination, on 0-10. With both, a picture with none of the source left
+  scores near 0 whatever its colour; the intended edit scores above the identity edit, which scores above flat
+  colours and noise (the table in docs/JUDGES.md; tests/unit/scorer/test_metric.py holds the ordering).
+- ``mapping: legacy`` is the issue-11 reward, kept to show what it allowed: PQ = (SSIM(grey source, grey edit) + 1)
+  / 2 * 10 and an ungated SC. A policy learns to paint flat colours under it (SSIM 0.47 still gives PQ 7.3); the
+  reward-hacking alarm's test trains on it with the strict metric as the held-out check.
 
 An instruction without a recognised target, or with conflicting ones (two colours, darker and brighter), leaves
 every edit unscored (``scored=False, overall=None``) with the reason: this backend never invents a number.
@@ -65,6 +77,7 @@ _FULL_CHROMA = math.sqrt(6.0) / 3.0  # chroma length of a saturated primary, e.g
 _TONE_EPS = 0.05  # floor of the luma headroom, so near-black/white sources do not blow the shift up
 _SSIM_C1 = 0.01**2  # SSIM stabilisers for data range 1
 _SSIM_C2 = 0.03**2
+_STD_EPS = 1e-3  # an image whose luma std is below this counts as flat
 _KIND_NAMES = {int: "an integer", float: "a number"}
 
 
@@ -121,28 +134,60 @@ def _box_mean(x: np.ndarray, win: int) -> np.ndarray:
     return sums / (win * win)
 
 
-def ssim(a: np.ndarray, b: np.ndarray, win: int = 7) -> float:
-    """Mean SSIM of two same-shape greyscale images in [0, 1] with a uniform window; in [-1, 1], 1 iff equal."""
+def ssim(a: np.ndarray, b: np.ndarray, win: int = 7, data_range: float = 1.0) -> float:
+    """Mean SSIM of two same-shape greyscale images (values spanning ``data_range``) with a uniform window; in
+    [-1, 1], 1 iff equal."""
     win = max(1, min(win, a.shape[0], a.shape[1]))
+    c1, c2 = _SSIM_C1 * data_range**2, _SSIM_C2 * data_range**2
     mu_a, mu_b = _box_mean(a, win), _box_mean(b, win)
     var_a = np.maximum(_box_mean(a * a, win) - mu_a * mu_a, 0.0)
     var_b = np.maximum(_box_mean(b * b, win) - mu_b * mu_b, 0.0)
     cov = _box_mean(a * b, win) - mu_a * mu_b
-    numerator = (2 * mu_a * mu_b + _SSIM_C1) * (2 * cov + _SSIM_C2)
-    denominator = (mu_a * mu_a + mu_b * mu_b + _SSIM_C1) * (var_a + var_b + _SSIM_C2)
+    numerator = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+    denominator = (mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2)
     return float(np.clip((numerator / denominator).mean(), -1.0, 1.0))
 
 
+def ssim_normalised(a: np.ndarray, b: np.ndarray, win: int = 7) -> float:
+    """SSIM of the two greyscale images after each is normalised to zero mean and unit std (a flat image -> 0s).
+
+    The stabilisers are those of data range 4 (about +-2 std): a flat window in both images compares by its mean.
+    """
+    a_n = (a - a.mean()) / max(float(a.std()), _STD_EPS)
+    b_n = (b - b.mean()) / max(float(b.std()), _STD_EPS)
+    return ssim(a_n, b_n, win, data_range=4.0)
+
+
 class MetricBackend:
-    """Model-free VIEScore-shaped scores: SC from the instruction's colour/tone target, PQ from SSIM to the source."""
+    """Model-free VIEScore-shaped scores: SC from the instruction's colour/tone target, PQ from the structure kept."""
 
     name = "metric"
-    OPTIONS = ("sc_center", "sc_slope", "max_side_px", "ssim_window_px")
+    OPTIONS = (
+        "sc_center", "sc_slope", "max_side_px", "ssim_window_px", "mapping", "pq_center", "pq_slope", "contrast_floor"
+    )  # fmt: skip
+    MAPPINGS = ("strict", "legacy")
 
     def __init__(
-        self, sc_center: float = 0.1, sc_slope: float = 5.0, max_side_px: int = 256, ssim_window_px: int = 7
+        self,
+        sc_center: float = 0.1,
+        sc_slope: float = 5.0,
+        max_side_px: int = 256,
+        ssim_window_px: int = 7,
+        mapping: str = "strict",
+        pq_center: float = 0.7,
+        pq_slope: float = 12.0,
+        contrast_floor: float = 0.3,
     ) -> None:
-        """``sc_center``/``sc_slope`` shape the SC ramp over the target shift; sizes are in pixels."""
+        """``sc_center``/``sc_slope`` shape the SC ramp over the target shift, ``pq_center``/``pq_slope`` the strict
+        PQ over the kept structure; sizes are in pixels (see the module docstring)."""
+        if mapping not in self.MAPPINGS:
+            raise ValueError(f"mapping must be one of {', '.join(self.MAPPINGS)}, got {mapping!r}")
+        if not 0.0 < pq_slope <= 100.0:
+            raise ValueError(f"pq_slope must be in (0, 100], got {pq_slope}")
+        if not -1.0 <= pq_center <= 1.0:
+            raise ValueError(f"pq_center must be in [-1, 1], got {pq_center}")
+        if not 0.0 < contrast_floor <= 1.0:
+            raise ValueError(f"contrast_floor must be in (0, 1], got {contrast_floor}")
         if not 0.0 < sc_slope <= 100.0:
             raise ValueError(f"sc_slope must be in (0, 100], got {sc_slope}")
         if not -1.0 <= sc_center <= 1.0:
@@ -155,6 +200,8 @@ class MetricBackend:
         self.sc_slope = float(sc_slope)
         self.max_side_px = int(max_side_px)
         self.ssim_window_px = int(ssim_window_px)
+        self.mapping = mapping
+        self.pq_center, self.pq_slope, self.contrast_floor = float(pq_center), float(pq_slope), float(contrast_floor)
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> MetricBackend:
@@ -162,9 +209,15 @@ class MetricBackend:
         unknown = sorted(set(options) - set(cls.OPTIONS))
         if unknown:
             raise ValueError(f"unknown metric backend options {unknown}; allowed: {', '.join(cls.OPTIONS)}")
-        kinds = {"sc_center": float, "sc_slope": float, "max_side_px": int, "ssim_window_px": int}
+        kinds = {
+            "sc_center": float, "sc_slope": float, "max_side_px": int, "ssim_window_px": int,
+            "pq_center": float, "pq_slope": float, "contrast_floor": float,
+        }  # fmt: skip
         typed: dict[str, Any] = {}
         for key, value in options.items():
+            if key == "mapping":
+                typed[key] = value  # checked by __init__
+                continue
             if (
                 isinstance(value, bool)
                 or not isinstance(value, (int, float))
@@ -199,23 +252,42 @@ class MetricBackend:
         raw[f"{target}_shift"] = shift
         return shift
 
+    def _structure(self, src: _ImageStats, edit: _ImageStats) -> tuple[float, dict[str, float], str]:
+        """(kept structure in [-1, 1], its measurements, a reason) under the configured mapping."""
+        plain = ssim(src.grey, edit.grey, self.ssim_window_px)
+        if self.mapping == "legacy":
+            return plain, {"ssim": plain}, f"SSIM to source {plain:.3f}"
+        std_src, std_edit = float(src.grey.std()), float(edit.grey.std())
+        normalised = ssim_normalised(src.grey, edit.grey, self.ssim_window_px)
+        contrast = min(1.0, std_edit / max(std_src, _STD_EPS) / self.contrast_floor)
+        kept = normalised * contrast
+        measured = {"ssim": plain, "ssim_normalised": normalised, "contrast_kept": contrast, "structure": kept}
+        why = f"normalised SSIM {normalised:.3f} x contrast kept {contrast:.2f} = structure {kept:.3f}"
+        return kept, measured, why
+
+    def _pq(self, structure: float) -> float:
+        if self.mapping == "legacy":
+            return (structure + 1.0) / 2.0 * 10.0
+        top = 1.0 / (1.0 + math.exp(-self.pq_slope * (1.0 - self.pq_center)))
+        return 10.0 / (1.0 + math.exp(-self.pq_slope * (structure - self.pq_center))) / top
+
     def _score_edit(self, targets: list[str], src: _ImageStats, edit: _ImageStats) -> Score:
         raw: dict[str, float] = {}
         parts: list[str] = []
+        structure, measured, why = self._structure(src, edit)
+        gate = 1.0 if self.mapping == "legacy" else max(structure, 0.0)
         sc = 10.0
         for target in targets:
             shift = self._target_shift(target, src, edit, raw)
-            target_sc = self._ramp(shift)
+            target_sc = self._ramp(shift * gate)
             sc = min(sc, target_sc)
-            parts.append(f"{target} shift {shift:+.3f} -> SC {target_sc:.2f}")
-        structure = ssim(src.grey, edit.grey, self.ssim_window_px)
-        pq = (structure + 1.0) / 2.0 * 10.0
+            gated = "" if self.mapping == "legacy" else f" (x structure {gate:.2f})"
+            parts.append(f"{target} shift {shift:+.3f}{gated} -> SC {target_sc:.2f}")
+        pq = self._pq(structure)
         overall = math.sqrt(sc * pq)
-        reasoning = (
-            f"{'; '.join(parts)}; SSIM to source {structure:.3f} -> PQ {pq:.2f}; overall sqrt(SC*PQ) {overall:.2f}"
-        )
+        reasoning = f"{'; '.join(parts)}; {why} -> PQ {pq:.2f}; overall sqrt(SC*PQ) {overall:.2f}"
         return Score(
-            scored=True, overall=overall, sub_scores={"SC": sc, "PQ": pq, "ssim": structure, **raw}, reasoning=reasoning
+            scored=True, overall=overall, sub_scores={"SC": sc, "PQ": pq, **measured, **raw}, reasoning=reasoning
         )
 
     def score(self, request: ScoreRequest) -> list[Score]:

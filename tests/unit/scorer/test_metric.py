@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from editrl.common.procedural import QUICKSTART_INSTRUCTIONS, draw_source_image, intended_edit
 from editrl.scorer.backend import Score, ScoreBackend, ScoreRequest, available_backends, make_backend
 from editrl.scorer.metric import MetricBackend, parse_targets, ssim
 
@@ -96,12 +96,14 @@ def test_tone_sc_is_monotone_in_luminance() -> None:
     assert all(0.0 < value < 10.0 for value in darker + brighter)
 
 
-def test_identical_edit_gets_max_pq_and_noise_lower_but_not_zero() -> None:
+def test_identical_edit_gets_max_pq_and_noise_near_zero_but_not_zero() -> None:
     src = to_image(make_source())
     same, noisy = score("make it red", [src, noise(1)], source=src)
-    assert same.sub_scores["ssim"] == pytest.approx(1.0)
+    assert same.sub_scores["structure"] == pytest.approx(1.0)
     assert same.sub_scores["PQ"] == pytest.approx(10.0)
-    assert 3.0 < noisy.sub_scores["PQ"] < 7.0  # (ssim + 1) / 2 * 10 with ssim near 0
+    assert 0.0 < noisy.sub_scores["PQ"] < 0.1 and noisy.overall > 0.0  # structure ~0: a poor score, never 0
+    legacy = MetricBackend(mapping="legacy").score(ScoreRequest("g0", "make it red", "color_alter", src, [noise(1)]))
+    assert 3.0 < legacy[0].sub_scores["PQ"] < 7.0  # legacy: (ssim + 1) / 2 * 10 with ssim near 0
     assert ssim(np.zeros((9, 9)), np.zeros((9, 9))) == pytest.approx(1.0)
 
 
@@ -135,14 +137,22 @@ def test_unknown_or_conflicting_instruction_is_unscored() -> None:
     assert parse_targets("Reduce the redundancy") == ([], parse_targets("xyz")[1])  # whole words only
 
 
-def test_noise_outputs_get_graded_distinct_scores() -> None:
-    """An untrained policy emits coloured noise: the reward must still differ between samples."""
+def test_structure_keeping_edits_are_graded_by_how_much_they_change() -> None:
+    """Among edits that keep the shapes, the reward grows with the requested change (RL needs graded rewards)."""
+    src = make_source()
+    edits = [to_image(tint(src, (1, 0, 0), amount)) for amount in (0.0, 0.1, 0.2, 0.3, 0.4)]
+    overall = [r.overall for r in score("make it red", edits)]
+    assert overall == sorted(overall) and len(set(overall)) == len(overall)
+
+
+def test_legacy_mapping_grades_noise_outputs() -> None:
+    """The legacy mapping (kept for the reward-hacking alarm's test) still grades coloured noise."""
     tinted_noise = [
         to_image(tint(np.asarray(noise(seed), dtype=np.float64) / 255, (1, 0, 0), amount))
         for seed, amount in zip(range(6), (0.0, 0.05, 0.1, 0.15, 0.2, 0.25), strict=True)
     ]
-    results = score("make it red", tinted_noise)
-    overall = [r.overall for r in results]
+    request = ScoreRequest("g0", "make it red", "color_alter", to_image(make_source()), tinted_noise)
+    overall = [r.overall for r in MetricBackend(mapping="legacy").score(request)]
     assert all(0.5 < value < 9.5 for value in overall)
     assert overall == sorted(overall)  # more red -> more reward, even among noise images
 
@@ -157,19 +167,67 @@ def test_edit_of_other_size_is_resized_to_source_and_order_is_kept() -> None:
     assert b.sub_scores["PQ"] == pytest.approx(10.0)
 
 
-def test_deterministic_and_fast() -> None:
+def test_deterministic() -> None:
     src = to_image(make_source())
     edits = [noise(seed) for seed in range(50)]
     backend = make_backend({"backend": "metric"})
     request = ScoreRequest("g1", "make it blue", "color_alter", src, edits)
-    assert backend.score(request) == backend.score(request)
-    start = time.perf_counter()
-    backend.score(request)
-    per_image_s = (time.perf_counter() - start) / len(edits)
-    assert per_image_s < 0.01  # target is < 2 ms; loose bound so a busy CI machine does not flake
+    assert backend.score(request) == backend.score(request)  # its speed: bench/bench_metric.py
 
 
 def test_large_images_are_downscaled_for_speed() -> None:
     src = to_image(make_source(64)).resize((1024, 768), Image.Resampling.BILINEAR)
     (result,) = score("make it red", [src], source=src)
     assert result.sub_scores["PQ"] == pytest.approx(10.0)
+
+
+def _cases(src: np.ndarray, instruction: str) -> dict[str, np.ndarray]:
+    """The table's rows (docs/JUDGES.md) for one procedural source and quickstart instruction."""
+    intended = intended_edit(src, instruction)
+    rng = np.random.default_rng(7)
+    flat = {"make it red": (230, 30, 30), "make it blue": (30, 30, 230), "make it green": (30, 230, 30)}
+    flat_colour = flat.get(instruction, (10, 10, 10) if "darker" in instruction else (0, 255, 255))
+    return {
+        "identity": src,
+        "intended": intended,
+        "flat target colour": np.broadcast_to(np.array(flat_colour, dtype=np.uint8), src.shape),
+        "flat mean of intended": np.broadcast_to(intended.reshape(-1, 3).mean(0).astype(np.uint8), src.shape),
+        "noise": rng.integers(0, 256, src.shape, dtype=np.uint8),
+        "intended + heavy noise": np.clip(intended + rng.normal(0, 40, src.shape), 0, 255).astype(np.uint8),
+        "faint wash of target": (0.9 * np.array(flat_colour) + 0.1 * src).astype(np.uint8),
+    }
+
+
+@pytest.mark.parametrize("instruction", list(QUICKSTART_INSTRUCTIONS))
+def test_the_intended_edit_is_the_optimum_not_a_flat_colour(instruction: str) -> None:
+    """Issue 12: intended > identity > (flat colours, noise, washes, heavy artifacts), on every procedural source."""
+    backend = MetricBackend()
+    for index in range(8):
+        src = draw_source_image(np.random.default_rng([0, index]), 64)
+        cases = _cases(src, instruction)
+        request = ScoreRequest(
+            "g0", instruction, "x", Image.fromarray(src), [Image.fromarray(e) for e in cases.values()]
+        )
+        by_name = {name: s.overall for name, s in zip(cases, backend.score(request), strict=True)}
+        assert by_name["intended"] > by_name["identity"] + 1.0, (index, by_name)
+        worst_hack = max(v for k, v in by_name.items() if k not in ("intended", "identity"))
+        assert by_name["identity"] > worst_hack + 3.0, (index, by_name)
+
+
+def test_legacy_mapping_lets_a_flat_colour_beat_the_identity_edit() -> None:
+    """What the strict mapping fixes: under the legacy reward a flat red square beats keeping the picture."""
+    src = draw_source_image(np.random.default_rng([0, 0]), 64)
+    cases = _cases(src, "make it red")
+    edits = [Image.fromarray(cases[name]) for name in ("identity", "flat target colour")]
+    identity, flat = MetricBackend(mapping="legacy").score(
+        ScoreRequest("g0", "make it red", "x", Image.fromarray(src), edits)
+    )
+    assert flat.overall > identity.overall
+
+
+def test_strict_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="mapping must be one of strict, legacy, got 'lax'"):
+        make_backend({"backend": "metric", "mapping": "lax"})
+    with pytest.raises(ValueError, match="contrast_floor"):
+        make_backend({"backend": "metric", "contrast_floor": 0.0})
+    assert make_backend({"backend": "metric", "mapping": "legacy"}).mapping == "legacy"
