@@ -417,7 +417,7 @@ def bench_replay(n: int, payload_kib: int, insert_batch: int, sample_batch: int)
                 nonlocal taken, store_got
                 batch, _ = store.take_ready(sample_batch, 0)
                 taken += len(batch)
-                store_got += sum(len(rec) for _, rec, _ in batch)
+                store_got += sum(len(rec) for _, rec, *_ in batch)
 
             order = (("raw_pop", raw_pop), ("store_take_ready", store_pop))
             for name, fn in order if b % 2 == 0 else order[::-1]:

@@ -32,7 +32,7 @@ import zmq
 
 from editrl.broker.processes import ProcessTable
 from editrl.broker.scorers import ScorerPool, job_payload
-from editrl.broker.store import ReplayStore, SampleSpec
+from editrl.broker.store import ReplayStore, Sampled, SampleSpec
 from editrl.common import codec, wire
 from editrl.common.net import harden, new_id
 from editrl.common.security import SecurityConfig, ServerWatch, secure_server
@@ -285,8 +285,7 @@ class Broker:
             if stale:
                 self.log.info("groups_dropped_stale", count=stale, min_version=req.min_version)
             if taken:
-                batch = wire.Batch(req.request_id, [rec for _, rec, _ in taken], [r for _, _, r in taken], stale)
-                self._send(identity, batch)
+                self._send(identity, _batch(req.request_id, taken, stale))
             else:
                 self._send(identity, wire.Wait(req.request_id, 0.1, "replay_empty", self.weights))
                 self.processes.waited(req, 0.1)
@@ -448,3 +447,10 @@ class Broker:
         self.sock.close(linger=0)
         if self.auth is not None:
             self.auth.stop()
+
+
+def _batch(request_id: str, taken: list[Sampled], stale: int) -> wire.Batch:
+    """The learner's Batch: records and rewards, plus each edit's held-out gold score when a gold scorer judged it."""
+    gold = [wire.gold_scores(scores.get("sub_scores"), len(rewards)) for _, _, rewards, scores in taken]
+    has_gold = any(v is not None for g in gold for v in g)
+    return wire.Batch(request_id, [t[1] for t in taken], [t[2] for t in taken], stale, gold if has_gold else [])

@@ -63,12 +63,16 @@ class SampleSpec:
         return f"{self.rank}:{self.step:012d}".encode()
 
 
+# A group handed to a learner: (group_id, record, rewards, scores), ``scores`` as stored with it (sub-scores, ...).
+Sampled = tuple[str, bytes, list[float], dict[str, Any]]
+
+
 @dataclass
 class TurnResult:
     inserted: list[bool]  # per insert: stored now (False = duplicate group_id)
     scored: list[bool]  # per result: pending → ready (False = late duplicate)
     dropped: list[bool]  # per unscorable: pending → unscorable
-    samples: list[tuple[list[tuple[str, bytes, list[float]]], int]]  # per request: (groups, n_stale)
+    samples: list[tuple[list[Sampled], int]]  # per request: (groups, n_stale)
     counters: dict[str, int]  # durable counters after the turn
 
 
@@ -193,9 +197,7 @@ class ReplayStore:
         raw = txn.get(spec.batch_key, db=self.db["batches"])
         return [] if raw is None else msgpack.unpackb(raw, raw=False)
 
-    def _sample(
-        self, txn: lmdb.Transaction, counters: dict[str, int], spec: SampleSpec
-    ) -> tuple[list[tuple[str, bytes, list[float]]], int]:
+    def _sample(self, txn: lmdb.Transaction, counters: dict[str, int], spec: SampleSpec) -> tuple[list[Sampled], int]:
         """Groups for (rank, step) from ``offset``: the recorded assignment first (a resumed learner), then new
         ready groups, which are appended to the assignment."""
         assigned = self._assigned(txn, spec)
@@ -209,12 +211,13 @@ class ReplayStore:
             out = []
             for gid in assigned[spec.offset : spec.offset + spec.max_groups]:
                 status = self._status(txn, gid.encode())
-                out.append((gid, bytes(txn.get(gid.encode(), db=self.db["groups"])), status["rewards"]))
+                record = bytes(txn.get(gid.encode(), db=self.db["groups"]))
+                out.append((gid, record, status["rewards"], status.get("scores") or {}))
             _add(counters, reserved=len(out))
             return out, 0
         taken, stale = self._take_ready(txn, counters, spec.max_groups, spec.min_version)
         if taken and spec.rank >= 0:  # rank -1: an unrecorded pop (tools, tests)
-            assigned += [gid for gid, _, _ in taken]
+            assigned += [gid for gid, *_ in taken]
             txn.put(spec.batch_key, msgpack.packb(assigned, use_bin_type=True), db=self.db["batches"])
         return taken, stale
 
@@ -234,9 +237,9 @@ class ReplayStore:
         """pending → unscorable (dropped, counted). False if the group is not pending."""
         return self.commit_turn(unscorable=[(group_id, reason)]).dropped[0]
 
-    def take_ready(self, max_groups: int, min_version: int) -> tuple[list[tuple[str, bytes, list[float]]], int]:
+    def take_ready(self, max_groups: int, min_version: int) -> tuple[list[Sampled], int]:
         """Pop up to ``max_groups`` ready groups (oldest first) → consumed; groups older than ``min_version`` are
-        dropped as stale on the way (counted). Returns ``([(group_id, record, rewards)], n_dropped_stale)``."""
+        dropped as stale on the way (counted). Returns ``([(group_id, record, rewards, scores)], n_dropped_stale)``."""
         return self.commit_turn(samples=[SampleSpec(-1, -1, 0, max_groups, min_version)]).samples[0]
 
     def _insert(self, txn: lmdb.Transaction, counters: dict[str, int], items: list) -> list[bool]:
@@ -291,7 +294,7 @@ class ReplayStore:
 
     def _take_ready(
         self, txn: lmdb.Transaction, counters: dict[str, int], max_groups: int, min_version: int
-    ) -> tuple[list[tuple[str, bytes, list[float]]], int]:
+    ) -> tuple[list[Sampled], int]:
         visited: list[tuple[bytes, bytes, dict[str, Any]]] = []  # (key, gid, status): to be consumed or stale
         n_usable = 0
         for key, gid in txn.cursor(db=self.db["ready"]):  # lazy: stops after max_groups usable groups
@@ -302,7 +305,7 @@ class ReplayStore:
             n_usable += status["version"] >= min_version
         # Reads first, writes after: records are copied out before this transaction dirties any page.
         out = [
-            (gid.decode(), bytes(txn.get(gid, db=self.db["groups"])), st["rewards"])
+            (gid.decode(), bytes(txn.get(gid, db=self.db["groups"])), st["rewards"], st.get("scores") or {})
             for _, gid, st in visited
             if st["version"] >= min_version
         ]

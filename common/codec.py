@@ -3,7 +3,9 @@
 ``encode`` packs a message dataclass into a MessagePack metadata frame plus one raw frame per array or blob;
 ``decode`` validates everything before building the message: frame count and sizes, protocol version, message type,
 unknown or missing fields, field types, the dtype whitelist, ``prod(shape) * itemsize == len(frame)``, finite floats,
-MessagePack ext types, size limits and, for a ``RolloutGroup``, that its shapes agree. A bad message raises
+MessagePack ext types, size limits and, for a ``RolloutGroup`` and a ``Batch``, that their shapes agree. A field with
+a default is left out when it holds the default and filled in when absent (how a message grows a field compatibly,
+see :mod:`editrl.common.wire`); every other field is required. A bad message raises
 :class:`~editrl.common.wire.WireError` with a short ``reason`` the receiver counts; it never crashes the process.
 ``encode_record`` / ``decode_record`` store a message's frames as one byte string (the replay's LMDB values and the
 groups of a ``Batch``). No pickle anywhere.
@@ -33,11 +35,25 @@ from editrl.common.wire import (
     MAX_NDIM,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    Batch,
     RolloutGroup,
     WireError,
 )
 
 _HINTS: dict[type, dict[str, Any]] = {cls: typing.get_type_hints(cls) for cls in MESSAGE_TYPES.values()}
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+# Per message type: the fields that have a default (may be absent on the wire) and that default.
+_DEFAULTS: dict[type, dict[str, Any]] = {
+    cls: {f.name: _default_of(f) for f in dataclasses.fields(cls) if _default_of(f) is not dataclasses.MISSING}
+    for cls in MESSAGE_TYPES.values()
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -49,10 +65,20 @@ def encode(msg: Any) -> list[bytes | memoryview]:
     if type(msg).__name__ not in MESSAGE_TYPES:
         raise TypeError(f"not a wire message: {type(msg).__name__}")
     frames: list[bytes | memoryview] = [b""]
-    fields = {f.name: _pack_value(getattr(msg, f.name), frames) for f in dataclasses.fields(msg)}
+    defaults = _DEFAULTS[type(msg)]
+    fields = {
+        f.name: _pack_value(getattr(msg, f.name), frames)
+        for f in dataclasses.fields(msg)
+        if f.name not in defaults or not _equal(getattr(msg, f.name), defaults[f.name])
+    }
     meta = {"proto": PROTOCOL_VERSION, "type": type(msg).__name__, "fields": fields}
     frames[0] = msgpack.packb(meta, use_bin_type=True)
     return frames
+
+
+def _equal(value: Any, default: Any) -> bool:
+    """``value == default`` for plain values (an array is never a default)."""
+    return not isinstance(value, np.ndarray) and type(value) is type(default) and value == default
 
 
 def _pack_value(value: Any, frames: list[bytes | memoryview]) -> Any:
@@ -122,11 +148,15 @@ def _decode(frames: list[bytes] | list[Any]) -> Any:
     unknown = set(fields) - set(hints)
     if unknown:
         raise WireError("unknown_field", f"{cls.__name__}: {sorted(_short(k) for k in unknown)[:5]}")
-    missing = set(hints) - set(fields)
+    missing = set(hints) - set(fields) - set(_DEFAULTS[cls])
     if missing:
         raise WireError("missing_field", f"{cls.__name__}: {sorted(missing)[:5]}")
     used: set[int] = set()
-    kwargs = {name: _unpack_value(fields[name], hints[name], raw, used, f"{cls.__name__}.{name}") for name in hints}
+    kwargs = {
+        name: _unpack_value(fields[name], hints[name], raw, used, f"{cls.__name__}.{name}")
+        for name in hints
+        if name in fields
+    }
     for name in ID_FIELDS.intersection(kwargs):
         value = kwargs[name]
         if not 0 < len(value.encode()) <= MAX_ID_BYTES:  # LMDB keys: an empty or 512-byte id would fail every commit
@@ -136,7 +166,17 @@ def _decode(frames: list[bytes] | list[Any]) -> Any:
     msg = cls(**kwargs)
     if cls is RolloutGroup:
         _check_group(msg)
+    elif cls is Batch:
+        _check_batch(msg)
     return msg
+
+
+def _check_batch(b: Batch) -> None:
+    """One reward list per group and, when gold is sent, one gold list per group of the same length as its rewards."""
+    if len(b.rewards) != len(b.groups):
+        raise WireError("bad_batch", f"{len(b.rewards)} reward lists for {len(b.groups)} groups")
+    if b.gold and [len(g) for g in b.gold] != [len(r) for r in b.rewards]:
+        raise WireError("bad_batch", "gold must be [] or one entry per edit of every group")
 
 
 def _check_group(g: RolloutGroup) -> None:

@@ -101,12 +101,27 @@ class ActorsConfig:
 
 
 @dataclass
+class GoldConfig:
+    """A held-out ("gold") scorer the policy is never trained on, and the reward-hacking alarm that watches it
+    (docs/JUDGES.md). The alarm compares the latest ``window`` gold-scored groups with the earlier window of the
+    highest gold score: training reward up by more than ``min_rise`` while gold down by more than ``min_fall``."""
+
+    backend: str = ""  # required: "metric", "vlm", "editscore" or "composite", as scorers.backend
+    options: dict[str, Any] = field(default_factory=dict)  # that backend's options (docs/JUDGES.md)
+    share: float = 0.25  # fraction of groups also scored by gold, picked by a stable hash of the group id; (0, 1]
+    window: int = 16  # gold-scored groups per window the alarm compares
+    min_rise: float = 0.5  # the alarm needs the training reward (0-10) up by more than this since the reference...
+    min_fall: float = 0.5  # ... and the gold reward (0-10) down by more than this
+
+
+@dataclass
 class ScorersConfig:
     count: int = 1  # scorer processes on this host
     backend: str = "metric"  # "metric", "vlm", "editscore" or "composite" (docs/JUDGES.md)
     options: dict[str, Any] = field(default_factory=dict)  # the backend's options (docs/JUDGES.md)
     threads: int = 1  # torch threads per scorer
     batch: int = 1  # groups packed into one backend call (the scorer's capacity at the broker)
+    gold: GoldConfig | None = None  # a held-out scorer on a share of the groups + the reward-hacking alarm; null = off
 
 
 @dataclass
@@ -232,6 +247,8 @@ def parse_config(raw: Any, base_dir: Path = Path(".")) -> TopologyConfig:
         if value and not Path(value).is_absolute() and (name != "model" or _is_local_model(value, base_dir, cfg)):
             setattr(obj, name, str((base_dir / value).resolve()))
     cfg.scorers.options = _resolve_model_paths(cfg.scorers.options, base_dir)
+    if cfg.scorers.gold is not None:
+        cfg.scorers.gold.options = _resolve_model_paths(cfg.scorers.gold.options, base_dir)
     _check(cfg)
     return cfg
 
@@ -348,6 +365,20 @@ def _check(cfg: TopologyConfig) -> None:
         )
     if cfg.learner.lr <= 0 or cfg.learner.clip_range <= 0:
         raise ConfigError("learner.lr / learner.clip_range: must be > 0")
+    if cfg.scorers.gold is not None:
+        _check_gold(cfg.scorers.gold)
+
+
+def _check_gold(gold: GoldConfig) -> None:
+    if not gold.backend:
+        raise ConfigError("scorers.gold.backend: required (the held-out scorer, e.g. metric, vlm, editscore)")
+    if not 0 < gold.share <= 1:
+        raise ConfigError(f"scorers.gold.share: must be in (0, 1], got {gold.share}")
+    if gold.window < 1:
+        raise ConfigError(f"scorers.gold.window: must be >= 1, got {gold.window}")
+    for name in ("min_rise", "min_fall"):
+        if getattr(gold, name) < 0:
+            raise ConfigError(f"scorers.gold.{name}: must be >= 0, got {getattr(gold, name)}")
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:

@@ -16,12 +16,18 @@ Decoding is strict (failure model: a bad message raises :class:`WireError` with 
 counts and logs; it never crashes the process): frame count and sizes, protocol version, message type, unknown or
 missing fields, field types, the dtype whitelist, ``prod(shape) * itemsize == len(frame)``, finite floats,
 MessagePack ext types and size limits are all checked. No pickle anywhere.
+
+Evolving a message without a protocol bump: a field added later has a default, is left out of the metadata when it
+holds that default, and is filled with it when absent. A peer that does not know the field receives the same bytes
+as before as long as the field is unused, and rejects it (``unknown_field``) once it is used; every other field stays
+required.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -236,12 +242,14 @@ class SampleRequest:
 
 @dataclass
 class Batch:
-    """broker → learner: complete scored groups, each as the stored RolloutGroup frames plus its rewards."""
+    """broker → learner: complete scored groups, each as the stored RolloutGroup frames plus its rewards, and the
+    held-out gold score of the edits a gold scorer also judged (``scorers.gold``; never trained on)."""
 
     request_id: str
     groups: list[bytes]  # each an encoded RolloutGroup (see encode_record / decode_record)
     rewards: list[list[float]]  # [n_groups][G] overall reward
     dropped_stale: int
+    gold: list[list[float | None]] = field(default_factory=list)  # [n_groups][G] gold score or None; [] = none had one
 
 
 @dataclass
@@ -288,6 +296,21 @@ MESSAGE_TYPES: dict[str, type] = {
         Status,
     )
 }
+
+
+GOLD_SUB_SCORE = "gold"  # the sub-score key under which a scorer stores an edit's held-out gold score (reserved)
+
+
+def gold_scores(sub_scores: Any, n: int) -> list[float | None]:
+    """Per edit, the gold score a scorer stored in that edit's sub-scores (``GOLD_SUB_SCORE``), None where there is
+    none; ``sub_scores`` is a stored group's list of per-edit maps (anything else: no gold)."""
+    out: list[float | None] = [None] * n
+    if isinstance(sub_scores, list) and len(sub_scores) == n:
+        for i, subs in enumerate(sub_scores):
+            value = subs.get(GOLD_SUB_SCORE) if isinstance(subs, dict) else None
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                out[i] = float(value)
+    return out
 
 
 def weights_dict(info: WeightsInfo) -> dict[str, Any]:

@@ -14,6 +14,11 @@ and no group of the batch is stale (then prox = behave); the PPO clip is taken o
 weight prox/behave is truncated or masked at ``learner.iw_cap``. ``learner.kl_coef > 0`` adds a k3 KL to the
 reference policy (the LoRA adapters disabled).
 
+Held-out check: with ``scorers.gold`` the broker sends each edit's gold score with the batch; per step the loop logs
+``reward/gold`` and ``reward/gap`` over the gold-scored groups (absent when there were none) and runs the
+reward-hacking alarm (:mod:`editrl.learner.gold`): ``reward/hacking_alarm`` and one ``reward_hacking_suspected``
+warning per transition.
+
 Exactness: the family's ``recompute`` runs the whole group in ONE forward per unit chunk, in float32, at the stored
 tensors, exactly as the actor batched it, so with the actor's weights prox == behave bit for bit
 (``learner/behave_dev_max`` is 0).
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import torch.distributed as dist
 import zmq
 
@@ -36,6 +42,7 @@ from editrl.common.families.base import load_policy
 from editrl.common.net import BrokerClient, new_id
 from editrl.common.weights.stream_server import FilePublisher, WeightServer
 from editrl.learner.engines import DeepSpeedEngine, FSDP2Engine, TrainEngine, is_lora_key
+from editrl.learner.gold import HackingAlarm, group_pair, load_history
 from editrl.learner.update import Updater
 
 
@@ -86,6 +93,12 @@ class Learner:
             self.metrics_file = open(cfg.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
         self.first_reward: float | None = None
         self.should_stop: Any = lambda: False
+        gold = cfg.scorers.gold
+        self.alarm = None
+        if gold is not None and self.rank == 0:  # the history of the run so far, if this is a restart
+            self.alarm = HackingAlarm(gold.window, gold.min_rise, gold.min_fall)
+            for step, n, train, gold_mean in load_history(cfg.run_dir / "metrics.jsonl", self.step):
+                self.alarm.add(step, n, train, gold_mean)
 
     # -- loop --------------------------------------------------------------------------------------------------
 
@@ -93,8 +106,8 @@ class Learner:
         self.should_stop = should_stop
         while not should_stop() and not (max_steps and self.step >= max_steps):
             t0 = time.monotonic()
-            groups, rewards, wait_s = self.sample_batch(should_stop)
-            stats = self.train_step(groups, rewards)
+            groups, rewards, gold, wait_s = self.sample_batch(should_stop)
+            stats = self.train_step(groups, rewards, gold)
             self.step += 1
             self.log.info("batch_trained", step=self.step, rank=self.rank, group_ids=[g.group_id for g in groups])
             if self.step % self.cfg.learner.publish_every == 0:
@@ -106,10 +119,14 @@ class Learner:
             if self.rank == 0 and self.cfg.run.image_every and self.step % self.cfg.run.image_every == 0:
                 self.log_images(groups, rewards)
 
-    def sample_batch(self, should_stop: Any) -> tuple[list[wire.RolloutGroup], list[np.ndarray], float]:
-        """This rank's share of complete groups, none older than ``version - η``."""
+    def sample_batch(
+        self, should_stop: Any
+    ) -> tuple[list[wire.RolloutGroup], list[np.ndarray], list[list[float | None]], float]:
+        """This rank's share of complete groups, none older than ``version - η``, with their rewards and each edit's
+        held-out gold score (None where the gold scorer did not score it)."""
         groups: list[wire.RolloutGroup] = []
         rewards: list[np.ndarray] = []
+        gold: list[list[float | None]] = []
         wait_s = 0.0
         min_version = self.version - self.cfg.broker.max_staleness
         while len(groups) < self.groups_per_rank:
@@ -124,15 +141,32 @@ class Learner:
                     raise TimeoutError("stopped while waiting for groups")
                 continue
             self.dropped_stale += reply.dropped_stale
-            for record, r in zip(reply.groups, reply.rewards, strict=True):
+            for i, (record, r) in enumerate(zip(reply.groups, reply.rewards, strict=True)):
                 groups.append(codec.decode(codec.decode_record(record)))
                 rewards.append(np.asarray(r, dtype=np.float32))
-        return groups, rewards, wait_s
+                gold.append(list(reply.gold[i]) if reply.gold else [None] * len(r))
+        return groups, rewards, gold, wait_s
 
-    def train_step(self, groups: list[wire.RolloutGroup], rewards: list[np.ndarray]) -> dict[str, float]:
+    def train_step(
+        self, groups: list[wire.RolloutGroup], rewards: list[np.ndarray], gold: list[list[float | None]] | None = None
+    ) -> dict[str, float]:
         stats = self.updater.train_step(groups, rewards, self.version)
         stats["learner/dropped_stale"] = float(self.dropped_stale)
+        if self.cfg.scorers.gold is not None:
+            stats.update(self.gold_stats(rewards, gold or [[None] * len(r) for r in rewards]))
         return stats
+
+    def gold_stats(self, rewards: list[np.ndarray], gold: list[list[float | None]]) -> dict[str, float]:
+        """``reward/gold``, ``reward/gap`` and ``reward/gold_groups`` over the gold-scored groups of every rank
+        (collective); {} when no group of the step had a gold score: never a 0 standing in for "none"."""
+        pairs = [p for r, g in zip(rewards, gold, strict=True) if (p := group_pair(r, g)) is not None]
+        sums = torch.tensor([len(pairs), sum(t for t, _ in pairs), sum(g for _, g in pairs)], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(sums)
+        n, train, gold_sum = sums.tolist()
+        if n < 1:
+            return {}
+        return {"reward/gold": gold_sum / n, "reward/gap": (train - gold_sum) / n, "reward/gold_groups": n}
 
     def publish(self) -> None:
         """Gather the LoRA weights on rank 0 (collective), publish them, announce them through the broker."""
@@ -203,6 +237,8 @@ class Learner:
         stats["learner/idle_ratio"] = min(1.0, stats["wait_s"] / max(stats["step_s"], 1e-9))
         if self.first_reward is None:
             self.first_reward = stats["reward/mean"]
+        if self.alarm is not None and "reward/gold" in stats:
+            self.check_alarm(stats)
         assert self.writer is not None
         for key, value in stats.items():
             if "/" in key:
@@ -219,15 +255,49 @@ class Learner:
         self.metrics_file.write(json.dumps({"step": self.step, "version": self.version, "time": time.time(), **stats}))
         self.metrics_file.write("\n")
         self.metrics_file.flush()
+        gold = f" | gold {stats['reward/gold']:.3f} gap {stats['reward/gap']:+.3f}" if "reward/gold" in stats else ""
         print(
             f"step {self.step:4d} | reward {stats['reward/mean']:.3f} (first {self.first_reward:.3f}) "
             f"| staleness {stats['learner/staleness_mean']:.2f} | {groups_per_s:.2f} groups/s "
-            f"| iw {stats['learner/iw_mean']:.3f} | clip {stats['learner/clip_frac']:.2f} | v{self.version}",
+            f"| iw {stats['learner/iw_mean']:.3f} | clip {stats['learner/clip_frac']:.2f} | v{self.version}{gold}",
             flush=True,
         )
         self.log.info(
             "learner_step", step=self.step, version=self.version, **{k: round(v, 5) for k, v in stats.items()}
         )
+
+    def check_alarm(self, stats: dict[str, float]) -> None:
+        """Feed this step's gold-scored groups to the reward-hacking alarm; ``reward/hacking_alarm`` into ``stats``
+        and one log line (and console line) per transition."""
+        assert self.alarm is not None
+        gold = stats["reward/gold"]
+        verdict = self.alarm.add(self.step, int(stats["reward/gold_groups"]), gold + stats["reward/gap"], gold)
+        stats["reward/hacking_alarm"] = float(verdict.active)
+        if not verdict.changed:
+            return
+        recent, ref = verdict.recent, verdict.reference
+        assert recent is not None
+        numbers = {
+            "step": self.step, "train_recent": round(recent.train, 4), "gold_recent": round(recent.gold, 4),
+            "recent_steps": [recent.first_step, recent.last_step], "recent_groups": recent.n,
+        }  # fmt: skip
+        if ref is not None:
+            numbers.update(
+                train_reference=round(ref.train, 4), gold_reference=round(ref.gold, 4),
+                reference_steps=[ref.first_step, ref.last_step], train_rise=round(recent.train - ref.train, 4),
+                gold_fall=round(ref.gold - recent.gold, 4),
+            )  # fmt: skip
+        if verdict.active:
+            assert ref is not None
+            self.log.warning("reward_hacking_suspected", **numbers)
+            print(
+                f"editrl: reward hacking suspected at step {self.step}: since steps {ref.first_step}-{ref.last_step} "
+                f"the training reward rose {ref.train:.2f} -> {recent.train:.2f} while the held-out gold score fell "
+                f"{ref.gold:.2f} -> {recent.gold:.2f}",
+                flush=True,
+            )
+        else:
+            self.log.info("reward_hacking_cleared", **numbers)
 
     def log_images(self, groups: list[wire.RolloutGroup], rewards: list[np.ndarray]) -> None:
         """TensorBoard (and W&B) image grid of this rank's best and worst group of the step, rewards under the edits."""

@@ -10,6 +10,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args, cfg, log = start_role("scorer", role_parser("scorer", __doc__), argv)
     from editrl.scorer.backend import make_backend
+    from editrl.scorer.gold import GoldScorer
     from editrl.scorer.worker import run_worker
 
     try:
@@ -17,8 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"editrl scorer: scorers.backend: {exc}", file=sys.stderr)
         return 2
+    gold = None
+    if cfg.scorers.gold is not None:  # the held-out scorer (editrl.scorer.gold), on a share of the groups
+        try:
+            gold_backend = make_backend({"backend": cfg.scorers.gold.backend, **cfg.scorers.gold.options})
+        except ValueError as exc:
+            print(f"editrl scorer: scorers.gold: {exc}", file=sys.stderr)
+            return 2
+        gold = GoldScorer(gold_backend, cfg.scorers.gold.share, log)
     should_stop = stop_flag()
-    return run_guarded("scorer", log, lambda: run_worker(cfg, args.id, backend, log, should_stop))
+    return run_guarded("scorer", log, lambda: run_worker(cfg, args.id, backend, log, should_stop, gold))
 
 
 if __name__ == "__main__":

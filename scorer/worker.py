@@ -6,6 +6,8 @@ Failure model
   quarantined). While idle the loop re-announces READY, which re-registers it with a restarted broker.
 - A job whose images cannot be decoded, or a backend error, comes back with every edit unscored (the broker requeues
   the group once, then drops it, counted): a score is never invented.
+- With ``scorers.gold``, a share of the fully scored groups is also judged by the held-out gold backend
+  (:mod:`editrl.scorer.gold`); a gold failure is logged and counted and the training scores go out without gold.
 - A failed CURVE handshake raises HandshakeError (the process exits non-zero with the reason).
 """
 
@@ -25,9 +27,12 @@ from editrl.common.images import from_png
 from editrl.common.net import harden, new_id
 from editrl.common.security import HandshakeWatch, secure_client
 from editrl.scorer.backend import ScoreBackend, ScoreRequest
+from editrl.scorer.gold import GoldScorer
 
 
-def run_worker(cfg: TopologyConfig, index: int, backend: ScoreBackend, log: Any, should_stop: Any) -> int:
+def run_worker(
+    cfg: TopologyConfig, index: int, backend: ScoreBackend, log: Any, should_stop: Any, gold: GoldScorer | None = None
+) -> int:
     worker_id = f"scorer-{index}"
     ctx = zmq.Context()
     sock = harden(ctx.socket(zmq.DEALER))
@@ -44,7 +49,8 @@ def run_worker(cfg: TopologyConfig, index: int, backend: ScoreBackend, log: Any,
     ready = codec.encode(wire.ScorerReady(worker_id, cfg.scorers.backend, batch))
     last_ready = 0.0
     n_jobs = 0
-    log.info("scorer_started", backend=cfg.scorers.backend, endpoint=cfg.broker.endpoint)
+    gold_info = {} if gold is None else {"gold_backend": gold.backend.name, "gold_share": gold.share}
+    log.info("scorer_started", backend=cfg.scorers.backend, endpoint=cfg.broker.endpoint, **gold_info)
     try:
         while not should_stop():
             watch.check()
@@ -58,13 +64,14 @@ def run_worker(cfg: TopologyConfig, index: int, backend: ScoreBackend, log: Any,
             if not jobs:
                 continue
             t0 = time.monotonic()
-            for result in score_jobs(backend, jobs, worker_id, log):
+            for result in score_jobs(backend, jobs, worker_id, log, gold):
                 sock.send_multipart(codec.encode(result))
             n_jobs += len(jobs)
             log.debug("jobs_scored", groups=len(jobs), seconds=round(time.monotonic() - t0, 4), n_jobs=n_jobs)
     finally:
         done.set()
-        log.info("scorer_stopped", jobs=n_jobs)
+        gold_counts = {} if gold is None else {"gold_groups": gold.groups, "gold_failures": gold.failures}
+        log.info("scorer_stopped", jobs=n_jobs, **gold_counts)
         watch.close()
         sock.close(linger=0)
     return 0
@@ -96,11 +103,14 @@ def _receive_jobs(sock: zmq.Socket, batch: int, log: Any, linger_ms: int = 5) ->
     return jobs
 
 
-def score_jobs(backend: ScoreBackend, jobs: list[wire.ScoreJob], worker_id: str, log: Any) -> list[wire.ScoreResult]:
+def score_jobs(
+    backend: ScoreBackend, jobs: list[wire.ScoreJob], worker_id: str, log: Any, gold: GoldScorer | None = None
+) -> list[wire.ScoreResult]:
     """ScoreJobs → ScoreResults, several groups in one backend call when the backend has ``score_many``.
 
     A job whose images cannot be decoded, or a backend failure, gives that job (or the whole call) all edits
-    unscored: never a made-up number.
+    unscored: never a made-up number. With ``gold``, the selected groups whose edits were all scored also get each
+    edit's held-out gold score in its sub-scores (the ``gold`` key is reserved: a training backend's is dropped).
     """
     requests: list[ScoreRequest] = []
     results: dict[str, wire.ScoreResult] = {}
@@ -123,7 +133,8 @@ def score_jobs(backend: ScoreBackend, jobs: list[wire.ScoreJob], worker_id: str,
         all_scores = many(requests) if many is not None and len(requests) > 1 else [backend.score(r) for r in requests]
     except Exception as exc:  # a backend failure must not take the worker down
         all_scores = [exc] * len(requests)
-    for job, scores in zip(scorable, all_scores, strict=True):
+    scored: list[tuple[ScoreRequest, wire.ScoreResult]] = []
+    for job, request, scores in zip(scorable, requests, all_scores, strict=True):
         if isinstance(scores, Exception) or len(scores) != len(job.edit_pngs):
             reason = str(scores) if isinstance(scores, Exception) else f"backend returned {len(scores)} scores"
             results[job.job_id] = _unscored(job, worker_id, reason, log)
@@ -134,9 +145,13 @@ def score_jobs(backend: ScoreBackend, jobs: list[wire.ScoreJob], worker_id: str,
             worker_id=worker_id,
             scored=[s.scored for s in scores],
             overall=[s.overall if s.scored else None for s in scores],
-            sub_scores=[{k: float(v) for k, v in s.sub_scores.items()} for s in scores],
+            sub_scores=[{k: float(v) for k, v in s.sub_scores.items() if k != wire.GOLD_SUB_SCORE} for s in scores],
             reasoning=[s.reasoning for s in scores],
         )
+        if all(s.scored for s in scores):
+            scored.append((request, results[job.job_id]))
+    if gold is not None and scored:
+        gold.attach(scored)
     return [results[job.job_id] for job in jobs]
 
 

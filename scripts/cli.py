@@ -88,8 +88,8 @@ def _load(path: str):  # noqa: ANN202
 
 
 def _check_scorer_backend(cfg) -> None:  # noqa: ANN001
-    """Build the configured score backend once (cheap: judge models load lazily in the scorer) so a bad backend name
-    or option stops `editrl up` before any process starts, instead of a scorer crash loop."""
+    """Build the configured score backend (and the gold one) once (cheap: judge models load lazily in the scorer) so a
+    bad backend name or option stops `editrl up` before any process starts, instead of a scorer crash loop."""
     from editrl.scorer.backend import make_backend
 
     try:
@@ -97,6 +97,12 @@ def _check_scorer_backend(cfg) -> None:  # noqa: ANN001
     except (ValueError, ImportError) as exc:
         print(f"editrl: config error: scorers.options: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if cfg.scorers.gold is not None:
+        try:
+            make_backend({"backend": cfg.scorers.gold.backend, **cfg.scorers.gold.options})
+        except (ValueError, ImportError) as exc:
+            print(f"editrl: config error: scorers.gold: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -199,7 +205,7 @@ def _status(args: argparse.Namespace) -> int:
 
     from editrl.common import wire
     from editrl.common.net import BrokerClient, new_id
-    from editrl.scripts.status import local_pids, render_status
+    from editrl.scripts.status import gold_line, latest_gold, local_pids, render_status
 
     cfg = _load(args.config)
     client = BrokerClient(zmq.Context(), cfg.broker.endpoint, "status", timeout_s=3.0, security=cfg.security)
@@ -209,11 +215,16 @@ def _status(args: argparse.Namespace) -> int:
             if reply is None:
                 return code
             pids = local_pids(cfg.run_dir)
+            gold = latest_gold(cfg.run_dir) if cfg.scorers.gold is not None else None
             if args.json:
-                print(json.dumps({"processes": reply.processes, "counters": reply.counters, "weights": reply.weights,
-                                  "local_pids": pids}))  # fmt: skip
+                snapshot = {"processes": reply.processes, "counters": reply.counters, "weights": reply.weights,
+                            "local_pids": pids}  # fmt: skip
+                if cfg.scorers.gold is not None:
+                    snapshot["gold"] = gold
+                print(json.dumps(snapshot))
                 return 0
-            table = render_status(reply.processes, reply.counters, reply.weights, pids)
+            row = gold_line(gold, (cfg.run_dir / "metrics.jsonl").exists()) if cfg.scorers.gold is not None else None
+            table = render_status(reply.processes, reply.counters, reply.weights, pids, row)
             if args.once:
                 print(table)
                 return 0

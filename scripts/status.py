@@ -3,16 +3,22 @@
 Liveness: a process started by ``editrl up`` on this host has a pid file (``<run_dir>/pids/<role>-<id>.pid``); its
 ``alive`` column is whether that pid runs. Processes elsewhere are judged by when the broker last heard from them:
 ``alive`` within ``QUIET_S`` seconds, ``quiet`` after (a long edit or a stopped process), the age shown either way.
+
+The held-out gold row (``scorers.gold``) comes from the learner's ``<run_dir>/metrics.jsonl`` on this host: the latest
+step with gold-scored groups, its ``reward/gold`` and ``reward/gap``, and the reward-hacking alarm; a learner on
+another host leaves the row saying so.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 QUIET_S = 60.0
+GOLD_TAIL_BYTES = 256 * 1024  # how much of the end of metrics.jsonl is searched for the latest step with gold
 COLUMNS = ("role", "id", "host", "alive", "last seen", "version", "lag", "items", "per s", "idle", "in flight")
 
 
@@ -35,9 +41,41 @@ def _alive(row: dict[str, Any], pids: dict[str, int]) -> str:
     return "yes" if row["last_seen_s"] < QUIET_S else "quiet"
 
 
+def latest_gold(run_dir: Path) -> dict[str, Any] | None:
+    """The latest learner step with gold-scored groups in ``<run_dir>/metrics.jsonl`` (``step``, ``gold``, ``gap``,
+    ``groups``, ``alarm``), or None when the file is absent or holds no such step in its last GOLD_TAIL_BYTES."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, 2) - GOLD_TAIL_BYTES))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    for line in reversed(tail.splitlines()):
+        try:
+            row = json.loads(line)
+            gold, gap = float(row["reward/gold"]), float(row["reward/gap"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        alarm = row.get("reward/hacking_alarm")
+        return {"step": row.get("step"), "gold": gold, "gap": gap, "groups": row.get("reward/gold_groups"),
+                "alarm": None if alarm is None else bool(alarm)}  # fmt: skip
+    return None
+
+
+def gold_line(gold: dict[str, Any] | None, metrics_here: bool) -> str:
+    """The status row of the held-out gold score and the reward-hacking alarm."""
+    if gold is None:
+        return "gold: " + ("no gold-scored group trained yet" if metrics_here else "no metrics.jsonl on this host")
+    alarm = {True: "SUSPECTED (training reward up, held-out gold down)", False: "no", None: "-"}[gold["alarm"]]
+    return (f"gold: {gold['gold']:.3f} at step {gold['step']}  |  gap (train - gold) {gold['gap']:+.3f}  |  "
+            f"reward hacking: {alarm}")  # fmt: skip
+
+
 def render_status(processes: list[dict[str, Any]], counters: dict[str, int], weights: dict[str, Any],
-                  pids: dict[str, int]) -> str:  # fmt: skip
-    """The table, then one line of queue depths and one of drops; every cell from the broker's reply."""
+                  pids: dict[str, int], gold: str | None = None) -> str:  # fmt: skip
+    """The table, then one line of queue depths and one of drops (every cell from the broker's reply), then the
+    ``gold`` row when given."""
     rows = [COLUMNS]
     for p in processes:
         rows.append((
@@ -60,4 +98,6 @@ def render_status(processes: list[dict[str, Any]], counters: dict[str, int], wei
         f"groups: ingested {c.get('ingested', 0)}  consumed {c.get('consumed', 0)}  dropped stale "
         f"{c.get('dropped_stale', 0)}  unscorable {c.get('dropped_unscorable', 0)}  evicted {c.get('evicted', 0)}"
     )
+    if gold is not None:
+        lines.append(gold)
     return "\n".join(lines)

@@ -88,6 +88,30 @@ def test_lease_ingest_score_sample_round_trip(broker):
     assert counters["duplicate_results"] == 1
 
 
+def test_gold_sub_scores_reach_the_learner_with_the_batch_and_are_stored(broker):
+    """The held-out gold score a scorer put in an edit's sub-scores comes back to the learner per edit (None where
+    the gold scorer gave none); a batch without any gold sends no gold field at all."""
+    b, ctx = broker
+    actor = _dealer(ctx, b.endpoint, "actor")
+    scorer = _dealer(ctx, b.endpoint, "scorer")
+    learner = _dealer(ctx, b.endpoint, "learner")
+    for gid, subs in (("g1", [{"SC": 1.0, "gold": 3.5}, {"SC": 2.0}]), ("g2", [{"SC": 1.0}, {"SC": 2.0}])):
+        lease = _ask(actor, wire.LeaseRequest("a0", f"l-{gid}"))
+        assert _ask(actor, _group(lease, gid)).ok
+        job = _ask(scorer, wire.ScorerReady("s0", "metric", 1))
+        result = wire.ScoreResult(job.job_id, gid, "s0", [True, True], [2.0, 6.0], subs, ["", ""])
+        scorer.send_multipart(codec.encode(result))
+        deadline = time.monotonic() + 5
+        while True:
+            reply = _ask(learner, wire.SampleRequest(f"s-{gid}", 0, int(gid[1]), 0, 1, 0))
+            if isinstance(reply, wire.Batch) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert isinstance(reply, wire.Batch) and reply.rewards == [[2.0, 6.0]]
+        assert reply.gold == ([[3.5, None]] if gid == "g1" else [])
+    assert b.store.get_status("g1")["scores"]["sub_scores"][0]["gold"] == 3.5
+
+
 def test_admission_control_and_weight_announcement(broker):
     b, ctx = broker
     actor = _dealer(ctx, b.endpoint, "actor")

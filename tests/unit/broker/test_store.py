@@ -28,9 +28,9 @@ def test_scored_groups_are_taken_once_in_fifo_order_and_stale_ones_dropped(tmp_p
     assert store.mark_scored("g1", [9.0, 9.0], {}) is False  # late duplicate result
     store.mark_scored("g2", [5.0, 6.0], {})
     taken, stale = store.take_ready(max_groups=1, min_version=1)
-    assert stale == 1 and [gid for gid, _, _ in taken] == ["g1"] and taken[0][2] == [3.0, 4.0]
+    assert stale == 1 and [gid for gid, *_ in taken] == ["g1"] and taken[0][2] == [3.0, 4.0]
     taken, stale = store.take_ready(max_groups=5, min_version=1)
-    assert [gid for gid, _, _ in taken] == ["g2"] and stale == 0
+    assert [gid for gid, *_ in taken] == ["g2"] and stale == 0
     assert store.take_ready(5, 0) == ([], 0)
     c = store.counters()
     assert c["consumed"] == 2 and c["dropped_stale"] == 1 and c["scored"] == 3
@@ -94,13 +94,13 @@ def test_learner_batches_are_replayed_after_a_resume_and_evicted_members_dropped
         _insert(store, gid)
         store.mark_scored(gid, [1.0], {})
     first = store.commit_turn(samples=[SampleSpec(0, 1, 0, 2, 0)]).samples[0][0]
-    assert [g for g, _, _ in first] == ["a", "b"]
+    assert [g for g, *_ in first] == ["a", "b"]
     again = store.commit_turn(samples=[SampleSpec(0, 1, 0, 2, 0)]).samples[0][0]
-    assert [g for g, _, _ in again] == ["a", "b"]  # the resumed learner gets the same groups for step 1
+    assert [g for g, *_ in again] == ["a", "b"]  # the resumed learner gets the same groups for step 1
     assert store.counters()["consumed"] == 2 and store.counters()["reserved"] == 2
     _insert(store, "d")  # over capacity: evicts the oldest non-pending record, a
     replay = store.commit_turn(samples=[SampleSpec(0, 1, 0, 2, 0)]).samples[0][0]
-    assert [g for g, _, _ in replay] == ["b"]
+    assert [g for g, *_ in replay] == ["b"]
     top_up = store.commit_turn(samples=[SampleSpec(0, 1, 1, 1, 0)]).samples[0][0]
-    assert [g for g, _, _ in top_up] == ["c"]  # topped up with a fresh group, no duplicate of b
+    assert [g for g, *_ in top_up] == ["c"]  # topped up with a fresh group, no duplicate of b
     assert store.batch_assignment(0, 1) == ["b", "c"]

@@ -59,6 +59,16 @@ BASE = {"policy": {"model": "/m"}, "data": {"tasks": "/t.jsonl"}}
         ({"policy": {"model": "/m", "family": "ddim", "sampler": {"eta": 0}}}, "policy.sampler.eta"),
         ({"policy": {"model": "/m", "family": "ddim", "pipeline": "flux_kontext"}}, "policy.pipeline"),
         ({"policy": {"model": "/m", "pipeline": "sdxl"}}, "policy.pipeline"),
+        ({"scorers": {"gold": {}}}, "scorers.gold.backend"),
+        ({"scorers": {"gold": {"backend": "metric", "share": 0}}}, "scorers.gold.share"),
+        ({"scorers": {"gold": {"backend": "metric", "share": 1.5}}}, "scorers.gold.share"),
+        ({"scorers": {"gold": {"backend": "metric", "share": "most"}}}, "scorers.gold.share"),
+        ({"scorers": {"gold": {"backend": "metric", "window": 0}}}, "scorers.gold.window"),
+        ({"scorers": {"gold": {"backend": "metric", "min_fall": -1}}}, "scorers.gold.min_fall"),
+        ({"scorers": {"gold": {"backend": "metric", "min_rise": -0.1}}}, "scorers.gold.min_rise"),
+        ({"scorers": {"gold": {"backend": "metric", "options": [1]}}}, "scorers.gold.options"),
+        ({"scorers": {"gold": {"backend": "metric", "shares": 0.5}}}, "scorers.gold.shares"),
+        ({"scorers": {"gold": "metric"}}, "scorers.gold"),
     ],
 )
 def test_errors_name_the_dotted_path(patch, path):
@@ -129,6 +139,32 @@ def test_up_rejects_bad_scorer_options_before_starting_anything(tmp_path, scorer
                           text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and message in proc.stderr and "scorers.options" in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing was started or written
+
+
+def test_gold_section_defaults_and_off_by_default(tmp_path):
+    assert parse_config(BASE).scorers.gold is None
+    gold = parse_config(
+        {**BASE, "scorers": {"gold": {"backend": "metric", "options": {"mapping": "strict"}}}}
+    ).scorers.gold
+    assert (gold.backend, gold.options, gold.share, gold.window) == ("metric", {"mapping": "strict"}, 0.25, 16)
+    topo = tmp_path / "sub/topo.yaml"
+    topo.parent.mkdir()
+    judge = {"backend": "vlm", "engine": "transformers", "engine_options": {"model": "./judge"}}
+    topo.write_text(yaml.safe_dump({**BASE, "scorers": {"gold": {"backend": "vlm", "options": judge}}}))
+    assert load_config(topo).scorers.gold.options["engine_options"]["model"] == str(tmp_path / "sub/judge")
+
+
+def test_up_rejects_a_bad_gold_backend_naming_it_before_starting_anything(tmp_path):
+    import subprocess
+    import sys
+
+    topo = tmp_path / "topo.yaml"
+    scorers = {"gold": {"backend": "metric", "options": {"sc_centre": 0.3}}}
+    topo.write_text(yaml.safe_dump({**BASE, "run": {"dir": str(tmp_path / "run")}, "scorers": scorers}))
+    proc = subprocess.run([sys.executable, "-m", "editrl.scripts.cli", "up", str(topo)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "scorers.gold" in proc.stderr and "sc_centre" in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_relative_judge_model_paths_resolve_against_the_yaml_and_hub_ids_stay(tmp_path):

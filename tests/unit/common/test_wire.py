@@ -121,3 +121,34 @@ def test_unknown_type_rejected():
     meta = msgpack.packb({"proto": wire.PROTOCOL_VERSION, "type": "Pickle", "fields": {}})
     with pytest.raises(wire.WireError, match="unknown_type"):
         codec.decode([meta])
+
+
+def test_batch_gold_is_left_out_when_unused_and_checked_when_sent():
+    """A field with a default (Batch.gold) is absent from the metadata when it holds the default, so an older peer
+    gets the same bytes; an absent one decodes to the default; a sent one must match the rewards edit for edit."""
+    plain = wire.Batch("r1", [b"g0", b"g1"], [[1.0, 2.0], [3.0, 4.0]], 0)
+    frames = _frames(plain)
+    assert "gold" not in _meta(frames)["fields"] and codec.decode(frames).gold == []
+    gold = [[7.5, None], [None, None]]
+    sent = codec.decode(_frames(wire.Batch("r1", [b"g0", b"g1"], [[1.0, 2.0], [3.0, 4.0]], 0, gold)))
+    assert sent.gold == gold and sent.rewards == [[1.0, 2.0], [3.0, 4.0]]
+    meta = _meta(_frames(wire.Batch("r1", [b"g0", b"g1"], [[1.0, 2.0], [3.0, 4.0]], 0, gold)))
+    meta["fields"]["gold"] = [[7.5, None]]
+    with pytest.raises(wire.WireError, match="bad_batch"):
+        codec.decode(_with_meta(frames, meta))
+    meta["fields"]["gold"] = [[float("nan"), None], [None, None]]
+    with pytest.raises(wire.WireError, match="non_finite"):
+        codec.decode(_with_meta(frames, meta))
+    meta["fields"]["gold"] = [["high", None], [None, None]]
+    with pytest.raises(wire.WireError, match="wrong_type"):
+        codec.decode(_with_meta(frames, meta))
+    meta = _meta(frames)
+    del meta["fields"]["rewards"]  # the fields without a default stay required
+    with pytest.raises(wire.WireError, match="missing_field"):
+        codec.decode(_with_meta(frames, meta))
+
+
+def test_gold_scores_reads_the_reserved_sub_score_and_nothing_else():
+    subs = [{"gold": 6.0, "SC": 1.0}, {"SC": 2.0}, {"gold": True}, {"gold": float("inf")}]
+    assert wire.gold_scores(subs, 4) == [6.0, None, None, None]
+    assert wire.gold_scores(None, 2) == [None, None] and wire.gold_scores([{"gold": 1.0}], 2) == [None, None]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from editrl.common.config import QuickstartData, TopologyConfig, parse_config
+from editrl.common.config import GoldConfig, QuickstartData, TopologyConfig, parse_config
 from editrl.scripts.config_doc import DOC, main, render, rows
 
 
@@ -28,14 +28,15 @@ def test_every_key_has_a_type_a_default_and_a_meaning() -> None:
 
 
 def test_the_page_lists_exactly_the_keys_the_loader_accepts() -> None:
-    """Every key of a full topology (all defaults, the optional quickstart section included) is on the page and
-    the page has no other; the loader accepts that topology."""
+    """Every key of a full topology (all defaults, the optional quickstart and gold sections included) is on the page
+    and the page has no other; the loader accepts that topology."""
     full = dataclasses.asdict(TopologyConfig())
     del full["source_path"]
     full["data"]["make_quickstart"] = dataclasses.asdict(QuickstartData())
+    full["scorers"]["gold"] = dataclasses.asdict(GoldConfig(backend="metric"))
     full["policy"]["model"], full["data"]["tasks"] = "/m", "/t.jsonl"
     parse_config(full)
-    documented = {key for key, *_ in rows()} - {"data.make_quickstart"}
+    documented = {key for key, *_ in rows()} - {"data.make_quickstart", "scorers.gold"}
     assert documented == set(_flat(full))
 
 
