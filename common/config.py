@@ -74,7 +74,8 @@ class PolicyConfig:
     family: str = "flow"  # "flow" | "ddim" | "ar"
     pipeline: str = ""  # flux_kontext | qwen_image_edit | instruct_pix2pix | emu3; "" = read from the checkpoint
     model: str = ""  # a local diffusers directory or a model id
-    make_tiny: bool = False  # build a tiny random-weight model at `model` if it does not exist (demo / tests)
+    make_tiny: bool = False  # build a tiny model at `model` if it does not exist (demo / tests; see tiny_recipe)
+    tiny_recipe: str = "random"  # make_tiny: "random" weights (instant) or "trained" (flux_kontext editor, ~3 min)
     dtype: str = "float32"  # or "float64" end to end: CPU-independent numbers (flux_kontext only; for tests)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -91,7 +92,7 @@ class QuickstartData:
 class DataConfig:
     tasks: str = ""  # jsonl with instruction / input_images / task_type
     group_size: int = 8  # G: edits per (instruction, source image), the group of the advantages
-    make_quickstart: QuickstartData | None = None  # generate the synthetic task set at `tasks`' folder if absent
+    make_quickstart: QuickstartData | None = None  # (re)write the synthetic task set at `tasks`' folder (idempotent)
 
 
 @dataclass
@@ -309,6 +310,8 @@ def _check(cfg: TopologyConfig) -> None:
         )
     if cfg.policy.dtype not in ("float32", "float64"):
         raise ConfigError(f"policy.dtype: must be 'float32' or 'float64', got {cfg.policy.dtype!r}")
+    if cfg.policy.tiny_recipe not in ("random", "trained"):
+        raise ConfigError(f"policy.tiny_recipe: must be 'random' or 'trained', got {cfg.policy.tiny_recipe!r}")
     if sampler.engine not in ("transformers", "vllm"):
         raise ConfigError(f"policy.sampler.engine: must be 'transformers' or 'vllm', got {sampler.engine!r}")
     if cfg.policy.family == "ddim" and sampler.eta <= 0:

@@ -11,13 +11,14 @@
   moves the wrong way approach 0, with a non-zero gradient everywhere (RL needs graded rewards, also for the
   coloured-noise outputs of an untrained policy). A colour and a tone target together ("dark red") give the
   minimum of both SCs, as VIEScore takes the minimum of its sub-scores.
-- PQ (structure kept from the source), ``mapping: strict`` (the default): the grey (BT.601 luma) images are each
-  normalised to zero mean and unit standard deviation, so a global brightness or contrast change (darker,
-  brighter, a tint) keeps its structure, and compared by SSIM (``structure`` in [-1, 1]). The contrast kept,
+- PQ (structure kept from the source), ``mapping: strict`` (the default): the edit's grey (BT.601 luma) image is
+  mapped to the source's global mean and standard deviation, so a global brightness or contrast change (darker,
+  brighter, a tint) keeps its structure, and compared with the source's by SSIM (``structure`` in [-1, 1], the
+  stabilisers of data range 1 in the source's units). The contrast kept,
   ``contrast = min(1, (std_edit / std_source) / contrast_floor)``, multiplies it: an edit that flattens the image
   (a flat colour, a faint wash over a bright colour) keeps no structure however its windows correlate. Then
   ``PQ = 10 * sigmoid(pq_slope * (kept - pq_center)) / sigmoid(pq_slope * (1 - pq_center))``: 10 for an
-  unchanged structure, about 7.6 at 0.8, 2.3 at 0.6 and under 0.4 at 0.4 or less (SSIM 0.5 is a poor score).
+  unchanged structure, about 7.9 at 0.8, 2.4 at 0.6 and under 0.4 at 0.4 or less (SSIM 0.5 is a poor score).
 - SC counts the requested change *within the kept structure*: the target shift is multiplied by ``max(kept, 0)``
   before the ramp, so a flat cyan square scores the SC of an unchanged image for "make it brighter", not 8.6.
 - overall = sqrt(SC * PQ), VIEScore's combination, on 0-10. With both, a picture with none of the source left
@@ -149,13 +150,14 @@ def ssim(a: np.ndarray, b: np.ndarray, win: int = 7, data_range: float = 1.0) ->
 
 
 def ssim_normalised(a: np.ndarray, b: np.ndarray, win: int = 7) -> float:
-    """SSIM of the two greyscale images after each is normalised to zero mean and unit std (a flat image -> 0s).
+    """SSIM of greyscale ``a`` and ``b`` after ``b`` is mapped to ``a``'s global mean and standard deviation.
 
-    The stabilisers are those of data range 4 (about +-2 std): a flat window in both images compares by its mean.
+    A global brightness or contrast change of ``b`` therefore costs nothing; the SSIM stabilisers stay those of
+    data range 1 in ``a``'s units, so small errors in a low-contrast source are not blown up. A flat ``b`` maps to
+    ``a``'s mean (the caller's contrast-kept factor scores it).
     """
-    a_n = (a - a.mean()) / max(float(a.std()), _STD_EPS)
-    b_n = (b - b.mean()) / max(float(b.std()), _STD_EPS)
-    return ssim(a_n, b_n, win, data_range=4.0)
+    b_matched = (b - b.mean()) / max(float(b.std()), _STD_EPS) * float(a.std()) + float(a.mean())
+    return ssim(a, b_matched, win)
 
 
 class MetricBackend:

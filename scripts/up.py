@@ -214,7 +214,7 @@ def prepare(cfg: TopologyConfig, log) -> None:  # noqa: ANN001
         t0 = time.monotonic()
         if build_tiny(cfg.policy, seed=cfg.run.seed):
             log.info("tiny_model_built", path=cfg.policy.model, seconds=round(time.monotonic() - t0, 1))
-    if cfg.data.make_quickstart is not None and not Path(cfg.data.tasks).exists():
+    if cfg.data.make_quickstart is not None:  # idempotent: rewrites only files that differ (e.g. another size)
         from editrl.common.tasks import make_quickstart_tasks
 
         q = cfg.data.make_quickstart

@@ -20,6 +20,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_flux_kontext(tmp_path_factory.mktemp("tiny_flux_kontext"), seed=0)
 
 
+TRAINED_EDITOR = Path(__file__).resolve().parents[1] / "models" / "tiny-flux-kontext-editor"
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny FLUX-Kontext editor trained on a CPU and committed in models/tiny-flux-kontext-editor (its files are
+    checked against its SHA256SUMS); trained here, about 5 minutes, only if that directory is absent."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from editrl.common.families.tiny.train_editor import train_tiny_editor, verify_checksums
+
+    if (TRAINED_EDITOR / "SHA256SUMS").is_file():
+        bad = verify_checksums(TRAINED_EDITOR)
+        assert not bad, f"{TRAINED_EDITOR}: files differ from SHA256SUMS: {bad}"
+        return TRAINED_EDITOR
+    return train_tiny_editor(tmp_path_factory.mktemp("trained_editor"), seed=0, progress=False)
+
+
 @pytest.fixture(scope="session")
 def quickstart_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic quickstart task set (16 tasks, 64×64 PNGs), written once per session."""

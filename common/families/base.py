@@ -175,6 +175,13 @@ def build_tiny(policy_cfg: Any, seed: int = 0) -> bool:
         return False
     name = pipeline_of(policy_cfg)
     _check_dtype(policy_cfg, name)
+    if policy_cfg.tiny_recipe == "trained":
+        if name != "flux_kontext" or policy_cfg.dtype != "float32":
+            raise ValueError(f"policy.tiny_recipe: 'trained' builds a float32 flux_kontext editor, not {name}")
+        from editrl.common.families.tiny.train_editor import train_tiny_editor
+
+        train_tiny_editor(policy_cfg.model, seed=seed)
+        return True
     module, function = TINY_BUILDERS[name]
     extra = {"dtype": policy_cfg.dtype} if policy_cfg.dtype != "float32" else {}  # FLOAT64_PIPELINES' builders
     getattr(importlib.import_module(module), function)(policy_cfg.model, seed=seed, **extra)

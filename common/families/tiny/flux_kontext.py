@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,13 +91,7 @@ def build_tiny_flux_kontext(out_dir: str | Path, seed: int = 0, force: bool = Fa
 
 
 def _build(out: Path, seed: int) -> None:
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxKontextPipeline,
-        FluxTransformer2DModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
 
     latent_channels = 4
     torch.manual_seed(seed)
@@ -130,7 +125,28 @@ def _build(out: Path, seed: int) -> None:
         use_post_quant_conv=False,
     )
     _scale_decoder(vae)
-    scheduler = FlowMatchEulerDiscreteScheduler(
+    scheduler = tiny_scheduler()
+    tokenizer, tokenizer_2, text_encoder, text_encoder_2 = tiny_text_parts(seed)
+    for m in (transformer, vae, text_encoder, text_encoder_2):
+        m.eval()
+    pipe = FluxKontextPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def tiny_scheduler() -> Any:
+    """The flow-matching scheduler of the tiny pipelines (FLUX's dynamic shifting)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
         use_dynamic_shifting=True,
@@ -139,6 +155,12 @@ def _build(out: Path, seed: int) -> None:
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
+
+
+def tiny_text_parts(seed: int) -> tuple[Any, Any, Any, Any]:
+    """(CLIP tokenizer, T5 tokenizer, CLIP text encoder, T5 encoder), random weights seeded from ``seed``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
     tokenizer = _clip_tokenizer()
     tokenizer_2 = _t5_tokenizer()
     torch.manual_seed(seed + 2)
@@ -172,16 +194,4 @@ def _build(out: Path, seed: int) -> None:
             decoder_start_token_id=0,
         )
     )
-    for m in (transformer, vae, text_encoder, text_encoder_2):
-        m.eval()
-    pipe = FluxKontextPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        transformer=transformer,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
+    return tokenizer, tokenizer_2, text_encoder.eval(), text_encoder_2.eval()

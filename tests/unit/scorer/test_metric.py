@@ -101,7 +101,7 @@ def test_identical_edit_gets_max_pq_and_noise_near_zero_but_not_zero() -> None:
     same, noisy = score("make it red", [src, noise(1)], source=src)
     assert same.sub_scores["structure"] == pytest.approx(1.0)
     assert same.sub_scores["PQ"] == pytest.approx(10.0)
-    assert 0.0 < noisy.sub_scores["PQ"] < 0.1 and noisy.overall > 0.0  # structure ~0: a poor score, never 0
+    assert 0.0 < noisy.sub_scores["PQ"] < 0.5 and noisy.overall > 0.0  # structure ~0: a poor score, never 0
     legacy = MetricBackend(mapping="legacy").score(ScoreRequest("g0", "make it red", "color_alter", src, [noise(1)]))
     assert 3.0 < legacy[0].sub_scores["PQ"] < 7.0  # legacy: (ssim + 1) / 2 * 10 with ssim near 0
     assert ssim(np.zeros((9, 9)), np.zeros((9, 9))) == pytest.approx(1.0)
