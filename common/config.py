@@ -104,15 +104,15 @@ class ActorsConfig:
 @dataclass
 class GoldConfig:
     """A held-out ("gold") scorer the policy is never trained on, and the reward-hacking alarm that watches it
-    (docs/JUDGES.md). The alarm compares the latest ``window`` gold-scored groups with the earlier window of the
-    highest gold score: training reward up by more than ``min_rise`` while gold down by more than ``min_fall``."""
+    (docs/JUDGES.md). The alarm compares the latest ``window`` gold-scored groups with every earlier window: training
+    reward up by more than ``min_rise`` while gold down by more than ``min_fall`` since one of them."""
 
     backend: str = ""  # required: "metric", "vlm", "editscore" or "composite", as scorers.backend
     options: dict[str, Any] = field(default_factory=dict)  # that backend's options (docs/JUDGES.md)
     share: float = 0.25  # fraction of groups also scored by gold, picked by a stable hash of the group id; (0, 1]
     window: int = 16  # gold-scored groups per window the alarm compares
-    min_rise: float = 0.5  # the alarm needs the training reward (0-10) up by more than this since the reference...
-    min_fall: float = 0.5  # ... and the gold reward (0-10) down by more than this
+    min_rise: float = 0.25  # the alarm needs the training reward (0-10) up by more than this since a reference...
+    min_fall: float = 1.0  # ... and the gold reward (0-10) down by more than this (about 3 standard errors of a window)
 
 
 @dataclass

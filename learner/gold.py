@@ -8,11 +8,14 @@ same groups, same edits) and ``reward/gold_groups``; on a step without any gold-
 never 0.
 
 The alarm (:class:`HackingAlarm`) keeps the per-step history of gold-scored groups. It compares the *recent* window
-(the latest steps holding at least ``window`` gold-scored groups) with a *reference* window: of the consecutive
-blocks of at least ``window`` groups that end before the recent window starts, the one with the highest gold mean.
-It fires when, since that reference, the training reward rose by more than ``min_rise`` while the gold score fell by
-more than ``min_fall``: the policy found something the training scorer likes and the held-out one does not. Both
-rising is learning; gold falling alone, or the training reward falling with it, is not what this alarm is for.
+(the latest steps holding at least ``window`` gold-scored groups) with every earlier *reference* window: the
+consecutive blocks of at least ``window`` groups that end before the recent window starts. It fires when, since one
+of them, the training reward rose by more than ``min_rise`` while the gold score fell by more than ``min_fall``: the
+policy found something the training scorer likes and the held-out one does not. (The usual shape of a hack: the
+training reward rises fast and plateaus while gold keeps falling, so the reference that shows it is often the first
+block, not the best-gold one.) The reference reported is the one with the largest gold fall among those that fire;
+without an alarm, the highest-gold block. Both rising is learning; gold falling alone, or the training reward falling
+with it, is not what this alarm is for.
 
 Limits: the gap is meaningful only when both scorers use the same 0-10 scale; the alarm sees only what the gold
 scorer sees (a hack both scorers fall for is invisible), and it needs 2 x ``window`` gold-scored groups before it can
@@ -84,17 +87,21 @@ class HackingAlarm:
                              self.best[-1])  # fmt: skip
             self._open = [0, 0.0, 0.0]
         recent, reference = self._recent(), None
+        active = False
         if recent is not None:
             k = len(self.blocks) - 1
             while k >= 0 and self.blocks[k].last_step >= recent.first_step:
                 k -= 1
-            reference = self.blocks[self.best[k]] if k >= 0 else None
-        active = (
-            recent is not None
-            and reference is not None
-            and recent.train - reference.train > self.min_rise
-            and reference.gold - recent.gold > self.min_fall
-        )
+            firing = [
+                b
+                for b in self.blocks[: k + 1]
+                if recent.train - b.train > self.min_rise and b.gold - recent.gold > self.min_fall
+            ]
+            active = bool(firing)
+            if firing:
+                reference = max(firing, key=lambda b: b.gold)
+            elif k >= 0:
+                reference = self.blocks[self.best[k]]
         changed, self.active = active != self.active, active
         return Verdict(active, changed, recent, reference)
 

@@ -7,11 +7,10 @@ Two runs from the same editor, started once for the module:
 - *default*: trained on the default strict metric with the legacy mapping as gold: both move together, the alarm
   stays silent.
 
-WAITING ON the trained tiny editor (issue 12). From a random-weight editor the strict metric sits at its floor
-(about 0.1 for coloured noise, measured: 0.095 over 120 legacy-trained steps), so gold has nothing to fall from and
-the alarm cannot fire. The runs need an editor that already makes the intended edits; the module is skipped until
-the session fixture named by ``EDITOR_FIXTURE`` exists (tests/conftest.py). To enable: add that fixture (a model
-directory usable as ``policy.model``) or point ``EDITOR_FIXTURE`` at the one that was added.
+Both runs start from the tiny editor trained on a CPU (``trained_tiny_model_dir``: it already makes the intended
+edits, so gold has something to lose) with the quickstart's sampler, on the 32-pixel quickstart tasks. Measured on
+the hacked run (lr 3e-3): the legacy reward went 7.95 -> ~8.6 in 20 steps and stayed there while gold fell from
+8.1 to 4-6; the alarm (window 8, min_rise 0.25, min_fall 1.0) turned on at step 34.
 """
 
 from __future__ import annotations
@@ -30,19 +29,20 @@ from editrl.broker.store import ReplayStore
 
 from .conftest import read_jsonl, write_topology
 
-EDITOR_FIXTURE = "trained_tiny_model_dir"  # the session fixture of the trained tiny editor (not there yet: skipped)
+EDITOR_FIXTURE = "trained_tiny_model_dir"  # the session fixture of the trained tiny editor (tests/conftest.py)
 HACK_MAX_STEPS = 200  # the hacked run stops once the alarm is seen, at the latest after this many steps
 DEFAULT_STEPS = 80
-GOLD = {"share": 0.5, "window": 8, "min_rise": 0.5, "min_fall": 0.5}  # about 2 gold groups per step of 4
+GOLD = {"share": 0.5, "window": 8, "min_rise": 0.25, "min_fall": 1.0}  # about 2 gold groups per step of 4
 CLI = [sys.executable, "-m", "editrl.scripts.cli"]
+SAMPLER = {"num_steps": 4, "noise_level": 0.7, "sde_window": 2}  # configs/quickstart.yaml's
 
 
 @pytest.fixture(scope="module")
 def editor_dir(request: pytest.FixtureRequest) -> Path:
     try:
         return request.getfixturevalue(EDITOR_FIXTURE)
-    except pytest.FixtureLookupError:
-        pytest.skip(f"waiting on the trained tiny editor: no fixture {EDITOR_FIXTURE!r} (see the module docstring)")
+    except pytest.FixtureLookupError:  # pragma: no cover - the fixture is in tests/conftest.py
+        pytest.fail(f"no fixture {EDITOR_FIXTURE!r} (tests/conftest.py)")
 
 
 def _alarm_seen(metrics: Path) -> bool:
@@ -62,7 +62,9 @@ def _rows(metrics: Path) -> list[dict[str, Any]]:
 def _hacked_run(tmp: Path, editor: Path, tasks: Path) -> dict[str, Any]:
     """Run until the alarm shows in metrics.jsonl (or HACK_MAX_STEPS), read `editrl status` while it runs, stop."""
     scorers = {"options": {"mapping": "legacy"}, "gold": {"backend": "metric", **GOLD}}
-    topo = write_topology(tmp, editor, tasks, scorers=scorers, learner={"max_steps": HACK_MAX_STEPS})
+    topo = write_topology(
+        tmp, editor, tasks, scorers=scorers, policy={"sampler": SAMPLER}, learner={"max_steps": HACK_MAX_STEPS}
+    )
     metrics = tmp / "run/metrics.jsonl"
     stdout_path, stderr_path = tmp / "up.out", tmp / "up.err"  # files, not pipes: nobody reads them while it runs
     with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
@@ -87,7 +89,7 @@ def _hacked_run(tmp: Path, editor: Path, tasks: Path) -> dict[str, Any]:
 
 def _default_run(tmp: Path, editor: Path, tasks: Path) -> dict[str, Any]:
     scorers = {"gold": {"backend": "metric", "options": {"mapping": "legacy"}, **GOLD}}
-    topo = write_topology(tmp, editor, tasks, scorers=scorers)
+    topo = write_topology(tmp, editor, tasks, scorers=scorers, policy={"sampler": SAMPLER}, learner={"lr": 5e-4})
     proc = subprocess.run([*CLI, "up", str(topo), "--max-steps", str(DEFAULT_STEPS)], capture_output=True, text=True,
                           timeout=900)  # fmt: skip
     return {"run": tmp / "run", "topo": topo, "stdout": proc.stdout, "stderr": proc.stderr,
@@ -95,10 +97,13 @@ def _default_run(tmp: Path, editor: Path, tasks: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def runs(editor_dir: Path, quickstart_tasks: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def runs(editor_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from editrl.common.tasks import make_quickstart_tasks
+
+    tasks = make_quickstart_tasks(tmp_path_factory.mktemp("tasks32"), n_tasks=16, size=32, seed=0)
     return {
-        "hacked": _hacked_run(tmp_path_factory.mktemp("hacked"), editor_dir, quickstart_tasks),
-        "default": _default_run(tmp_path_factory.mktemp("default"), editor_dir, quickstart_tasks),
+        "hacked": _hacked_run(tmp_path_factory.mktemp("hacked"), editor_dir, tasks),
+        "default": _default_run(tmp_path_factory.mktemp("default"), editor_dir, tasks),
     }
 
 
