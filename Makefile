@@ -22,6 +22,7 @@ demo: setup
 	rm -rf runs/quickstart  # a fresh run each time (`editrl up` alone resumes a stopped run)
 	$(PYTHON) -m editrl.scripts.cli up configs/quickstart.yaml --max-steps $(DEMO_STEPS)
 	$(PYTHON) scripts/summarize_run.py runs/quickstart
+	$(PYTHON) -m editrl.scripts.before_after configs/quickstart.yaml  # step 0 vs the last weights: figures + grid PNG
 
 test: setup
 	$(PYTHON) -m pytest -q -m "not slow"
