@@ -30,8 +30,8 @@ from editrl.scorer.backend import ScoreRequest
 from editrl.scorer.metric import MetricBackend, ssim_normalised
 
 MIN_STRUCTURE = 0.8
-# configs/quickstart.yaml's sampler: Flow-GRPO SDE (noise level 0.7) on the first 2 of 4 steps, ODE after
-DEMO_SAMPLER = SamplerConfig(num_steps=4, noise_level=0.7, guidance=2.5, sde_window=2)
+# configs/quickstart.yaml's sampler: Flow-GRPO SDE (noise level 0.7) on the first 3 of 4 steps, ODE on the last
+DEMO_SAMPLER = SamplerConfig(num_steps=4, noise_level=0.7, guidance=2.5, sde_window=3, sde_window_range=[0, 3])
 
 
 def _grey(image: Any) -> np.ndarray:
