@@ -58,8 +58,9 @@ class TrainEngine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self, max_grad_norm: float) -> float:
-        """Clip, apply the accumulated gradients, zero them; returns the global gradient norm before clipping."""
+    def step(self, max_grad_norm: float) -> float | None:
+        """Clip, apply the accumulated gradients, zero them; returns the global gradient norm before clipping, or
+        None when the engine did not measure it (the step's ``learner/grad_norm`` is then absent, never 0)."""
         ...
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -200,10 +201,10 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self, max_grad_norm: float) -> float:  # clipping is configured (gradient_clipping)
+    def step(self, max_grad_norm: float) -> float | None:  # clipping is configured (gradient_clipping)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+        return float(norm) if norm is not None else None
 
     def _gathered(self) -> dict[str, torch.Tensor]:
         import deepspeed

@@ -259,7 +259,8 @@ class Learner:
         print(
             f"step {self.step:4d} | reward {stats['reward/mean']:.3f} (first {self.first_reward:.3f}) "
             f"| staleness {stats['learner/staleness_mean']:.2f} | {groups_per_s:.2f} groups/s "
-            f"| iw {stats['learner/iw_mean']:.3f} | clip {stats['learner/clip_frac']:.2f} | v{self.version}{gold}",
+            f"| iw {_fmt(stats, 'learner/iw_mean', '.3f')} | clip {_fmt(stats, 'learner/clip_frac', '.2f')} "
+            f"| v{self.version}{gold}",
             flush=True,
         )
         self.log.info(
@@ -324,3 +325,8 @@ class Learner:
             self.metrics_file.close()
         if self.wandb is not None:
             self.wandb.finish()  # explicitly: the process ends with os._exit (editrl.common.entry.exit_now)
+
+
+def _fmt(stats: dict[str, float], key: str, spec: str) -> str:
+    """A console figure, or "-" when the step did not measure it."""
+    return format(stats[key], spec) if key in stats else "-"

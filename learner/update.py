@@ -6,6 +6,7 @@ loss). Used by the learner process and, on fixed groups, by the golden-number re
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,9 +22,14 @@ from editrl.learner.objective import decoupled_loss
 
 STAT_KEYS = (
     "loss", "clip_frac", "approx_kl", "ratio_dev_max", "iw_mean", "iw_max", "iw_capped_frac", "mismatch_kl",
-    "behave_dev_max", "kl_ref",
+    "behave_dev_max", "kl_ref", "logp_mismatch_max",
 )  # fmt: skip
-_MAX_KEYS = ("ratio_dev_max", "iw_max", "behave_dev_max")
+_MAX_KEYS = ("ratio_dev_max", "iw_max", "behave_dev_max", "logp_mismatch_max")
+# Every per-step statistic a rank may report; a key absent on every rank is absent from the step (never 0.0).
+_STEP_KEYS = (
+    "reward/mean", "reward/std", "learner/staleness_mean", "learner/staleness_max", "learner/zero_variance_groups",
+    "learner/grad_norm", "learner/prox_bypassed", *(f"learner/{k}" for k in STAT_KEYS),
+)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -75,10 +81,12 @@ class Updater:
                     zero_var += 1
                     if self.world == 1:
                         continue  # contributes nothing; multi-rank still runs it to keep collectives aligned
-                for key, value in self.group_loss(groups[i], adv, n_units, prox[i], ref[i]).items():
+                fresh = staleness[i] == 0
+                for key, value in self.group_loss(groups[i], adv, n_units, prox[i], ref[i], fresh).items():
                     agg[key].append(value)
-            norms.append(self.engine.step(lcfg.max_grad_norm))
-        grad_norm = float(np.mean(norms))
+            norm = self.engine.step(lcfg.max_grad_norm)
+            if norm is not None:
+                norms.append(norm)
         all_r = np.concatenate(rewards)
         hist = np.bincount(np.clip(staleness, 0, self.cfg.broker.max_staleness + 1),
                            minlength=self.cfg.broker.max_staleness + 2)  # fmt: skip
@@ -88,16 +96,15 @@ class Updater:
             "learner/staleness_mean": float(np.mean(staleness)),
             "learner/staleness_max": float(np.max(staleness)),
             "learner/zero_variance_groups": float(zero_var),
-            "learner/grad_norm": float(grad_norm),
             "learner/prox_bypassed": float(bypass),
             **{f"learner/staleness_{lag}": float(n) for lag, n in enumerate(hist)},
         }
+        if norms:  # DeepSpeed may not report a norm: then the key is absent, not 0
+            local["learner/grad_norm"] = float(np.mean(norms))
         for key, values in agg.items():
-            if values or key != "kl_ref":
-                local[f"learner/{key}"] = (
-                    (max(values) if key in _MAX_KEYS else float(np.mean(values))) if values else 0.0
-                )
-        return self._all_reduce_mean(local)
+            if values:  # no value: not measured this step (every group skipped, prox bypassed, no KL): absent
+                local[f"learner/{key}"] = max(values) if key in _MAX_KEYS else float(np.mean(values))
+        return self._reduce_stats(local)
 
     def log_probs(self, group: wire.RolloutGroup, reference: bool = False) -> torch.Tensor:
         """The current (or, with ``reference``, adapter-free) log-probs of every stored unit, [G, S], no gradient."""
@@ -108,13 +115,19 @@ class Updater:
 
     def group_loss(
         self, group: wire.RolloutGroup, adv: torch.Tensor, n_units: int, prox: torch.Tensor | str,
-        ref: torch.Tensor | None,
+        ref: torch.Tensor | None, fresh: bool = False,
     ) -> dict[str, float]:  # fmt: skip
         """Forward/backward over every trained unit of one group, chunk by chunk as the family recomputes them.
 
         Each chunk's loss is the mean over its counted units; it is weighted by ``k / n_units`` (k units in the chunk,
         ``n_units`` in the whole batch), so every unit of the step weighs the same.
+
+        Exactness stats, only when prox was measured (not bypassed): ``behave_dev_max`` = max |exp(prox - behave) - 1|
+        and, for a ``fresh`` group (sampled by the weights the learner holds now, so prox must equal behave bit for
+        bit), ``logp_mismatch_max`` = max |prox - behave| of the log-probs themselves, the float32 values differenced
+        in float64 (an ulp shows; 0.0 means bit-identical).
         """
+        bypassed = isinstance(prox, str) and prox == "behave"
         lcfg = self.cfg.learner
         behave = torch.from_numpy(np.array(group.log_probs))  # [G, S]
         if isinstance(prox, str):  # "behave": bypassed; "forward": the θ forward's detached value, chunk by chunk
@@ -133,10 +146,14 @@ class Updater:
                 kl_coef=lcfg.kl_coef,
             )  # fmt: skip
             self.engine.backward(loss * (log_prob.shape[1] / n_units))
-            deviation = (torch.exp(chunk_prox - behave[:, cols]) - 1.0).abs()
-            if chunk_mask is not None:
-                deviation = deviation * chunk_mask
-            stats["behave_dev_max"] = deviation.max()
+            if not bypassed:
+                deviation = (torch.exp(chunk_prox - behave[:, cols]) - 1.0).abs()
+                mismatch = (chunk_prox.detach().double() - behave[:, cols].double()).abs()
+                if chunk_mask is not None:
+                    deviation, mismatch = deviation * chunk_mask, mismatch * chunk_mask.double()
+                stats["behave_dev_max"] = deviation.max()
+                if fresh:
+                    stats["logp_mismatch_max"] = mismatch.max()
             out.setdefault("loss", []).append(float(loss.detach()))
             for key, value in stats.items():
                 out.setdefault(key, []).append(float(value))
@@ -149,12 +166,29 @@ class Updater:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t)
 
-    def _all_reduce_mean(self, stats: dict[str, float]) -> dict[str, float]:
+    def _reduce_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        """Across ranks: the mean of each statistic over the ranks that measured it (the max for ``*_max`` keys); a
+        statistic no rank measured stays absent. Staleness counts are averaged over every rank."""
         if self.world == 1:
             return stats
-        keys = sorted(stats)
-        t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(t)
-        return {k: float(v) / self.world for k, v in zip(keys, t.tolist(), strict=True)}
+        keys = sorted(set(_STEP_KEYS) | {k for k in stats if k.startswith("learner/staleness_")})
+        present = torch.tensor([k in stats for k in keys], dtype=torch.float64)
+        values = torch.tensor([stats.get(k, 0.0) for k in keys], dtype=torch.float64)
+        maxes = torch.tensor([stats.get(k, -math.inf) for k in keys], dtype=torch.float64)
+        packed = torch.stack([values, present])
+        dist.all_reduce(packed)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+        out: dict[str, float] = {}
+        for j, key in enumerate(keys):
+            count = float(packed[1, j])
+            if count == 0:
+                continue
+            if key.endswith("_max") and key.startswith("learner/"):
+                out[key] = float(maxes[j])
+            elif key.startswith("learner/staleness_") and key[len("learner/staleness_") :].isdigit():
+                out[key] = float(packed[0, j]) / self.world
+            else:
+                out[key] = float(packed[0, j]) / count
+        return out
 
     # -- weights and checkpoints -------------------------------------------------------------------------------

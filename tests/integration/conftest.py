@@ -69,5 +69,18 @@ def write_topology(tmp_path: Path, model_dir: Path, tasks: Path, **sections: dic
     return path
 
 
+def assert_exact_every_step(metrics: list[dict[str, Any]], min_steps: int = 6) -> None:
+    """Issue 13: with η = 0 every group is sampled by the weights the learner holds, so the learner's recompute (prox)
+    must equal the actor's stored log-probs bit for bit at every step: ``learner/logp_mismatch_max`` (float64
+    difference of the float32 values) is exactly 0.0, measured (present) on every step, prox never bypassed, and
+    the adapters are non-zero from step 2 on (step 1's update moved them: a non-zero gradient norm)."""
+    assert len(metrics) >= min_steps, [m["step"] for m in metrics]
+    assert metrics[0]["learner/grad_norm"] > 0.0
+    for m in metrics:
+        assert m["learner/prox_bypassed"] == 0.0, m
+        assert m["learner/logp_mismatch_max"] == 0.0, (m["step"], m.get("learner/logp_mismatch_max"))
+        assert m["learner/staleness_max"] == 0.0, m
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
