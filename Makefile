@@ -16,7 +16,7 @@ setup:
 	# Debian's Chromium for the replay viewer's headless-browser test (skipped only if it cannot be installed)
 	@test -x /usr/bin/chromium || (apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1)) \
-		|| echo "chromium not installed: the viewer browser test will be skipped"
+		|| echo "chromium not installed: the viewer browser test will be skipped (and will fail under CI=true)"
 
 demo: setup
 	rm -rf runs/quickstart  # a fresh run each time (`editrl up` alone resumes a stopped run)

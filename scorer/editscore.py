@@ -14,8 +14,9 @@ What editrl does instead of the package (see :mod:`editrl.scorer.vlm` for the sh
   The package's own HF runner moves inputs to CUDA unconditionally, so it cannot run here at all.
 - PQ shows the edited image only: the documented VIEScore behaviour and the package's ``evaluate()``. Its
   ``batch_evaluate()`` (what its reward server calls) shows both images to PQ; we do not.
-- Replies are parsed by :func:`editrl.scorer.viescore.parse_scores` and re-asked on failure; an edit whose reply
-  never parses is unscored. The package instead substitutes ``score_range / 2`` for an empty or out-of-range list
+- Replies are parsed by :func:`editrl.scorer.viescore.parse_scores` and re-asked on failure (a reply with two
+  different score lists, a first guess and a correction, is such a failure); an edit whose reply never parses is
+  unscored. The package instead substitutes ``score_range / 2`` for an empty or out-of-range list
   (``batch_evaluate``, where the 12.5 then lands on a 0-10 scale) or a random integer after two tries
   (``evaluate``).
 

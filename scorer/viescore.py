@@ -18,7 +18,10 @@ Failure model: :func:`parse_scores` either returns exactly ``n_expected`` finite
 ``[0, score_range]`` or raises :class:`JudgeParseError` with the reason. It repairs *syntax* (code fences, prose
 around the JSON, single quotes, trailing commas, unescaped quotes in the reasoning) but never *content*: a wrong
 count, a non-numeric value, NaN/inf or an out-of-range number is rejected, not clamped, padded or guessed (unlike
-the reference implementations, which fall back to 5, ``score_range / 2`` or a random integer).
+the reference implementations, which fall back to 5, ``score_range / 2`` or a random integer). A reply that gives
+two different score lists (a first guess and a correction, two objects, two fenced blocks, a list in the prose that
+differs from the JSON's) is ambiguous and rejected too, never read as "the first one"; the same list repeated is
+accepted.
 """
 
 from __future__ import annotations
@@ -136,16 +139,46 @@ def _decode_object(candidate: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _object_slices(text: str) -> list[str]:
-    """Candidate JSON objects, most specific first: fenced blocks, then the outermost ``{...}`` slice."""
-    candidates = [match.strip() for match in _FENCE_RE.findall(text)]
-    candidates.append(text.strip())
-    slices = []
-    for candidate in candidates:
-        start, end = candidate.find("{"), candidate.rfind("}")
-        if start != -1 and end > start:
-            slices.append(candidate[start : end + 1])
-    return slices
+def _balanced_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of every top-level ``{...}`` of ``text`` by brace depth (quotes are not tracked)."""
+    spans, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif char == "}" and depth > 0:
+            depth -= 1
+            if depth == 0:
+                spans.append((start, i + 1))
+    return spans
+
+
+def _objects(text: str) -> list[tuple[int, int, dict[str, Any]]]:
+    """The decodable objects of ``text`` with their spans: the outermost ``{...}`` slice if it decodes as one object
+    (braces inside its strings need not balance), else every top-level ``{...}`` that decodes, in order."""
+    start, end = text.find("{"), text.rfind("}")
+    if start == -1 or end <= start:
+        return []
+    whole = _decode_object(text[start : end + 1])
+    if whole is not None:
+        return [(start, end + 1, whole)]
+    found = []
+    for span_start, span_end in _balanced_spans(text):
+        obj = _decode_object(text[span_start:span_end])
+        if obj is not None:
+            found.append((span_start, span_end, obj))
+    return found
+
+
+def _candidate_objects(text: str) -> list[dict[str, Any]]:
+    """Decodable objects, most specific first: those in fenced blocks, then those of the whole text."""
+    candidates = [obj for fence in _FENCE_RE.findall(text) for _, _, obj in _objects(fence)]
+    return candidates + [obj for _, _, obj in _objects(text)]
+
+
+def _score_key(obj: dict[str, Any]) -> str | None:
+    return "score" if "score" in obj else "scores" if "scores" in obj else None
 
 
 def _to_number(value: Any) -> float:
@@ -175,18 +208,81 @@ def _validate(raw: Any, n_expected: int, score_range: int) -> list[float]:
     return numbers
 
 
+def _decode_field(raw_text: str) -> Any:
+    """A ``score`` field's value text (a list or a scalar) as Python, or the bare text when it is not JSON."""
+    raw_text = raw_text.strip()
+    try:
+        return json.loads(_TRAILING_COMMA_RE.sub(r"\1", raw_text.replace("'", '"')))
+    except json.JSONDecodeError:
+        return raw_text.strip("\"'")  # let _validate report it as non-numeric
+
+
 def _field_fallback(text: str) -> tuple[Any, str] | None:
     """The ``score`` field and reasoning pulled out by pattern when the object itself does not decode."""
     match = _SCORE_FIELD_RE.search(text)
     if match is None:
         return None
-    raw_text = match.group(1).strip()
-    try:
-        raw = json.loads(_TRAILING_COMMA_RE.sub(r"\1", raw_text.replace("'", '"')))
-    except json.JSONDecodeError:
-        raw = raw_text.strip("\"'")  # let _validate report it as non-numeric
     reasoning = _REASONING_FIELD_RE.search(text)
-    return raw, reasoning.group(1).strip() if reasoning else ""
+    return _decode_field(match.group(1)), reasoning.group(1).strip() if reasoning else ""
+
+
+def _list_key(raw: Any) -> tuple[Any, ...]:
+    """A score value in a form where the same list compares equal however it was written (``7``, ``7.0``, ``"7"``)."""
+    values = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    key: list[Any] = []
+    for value in values:
+        try:
+            key.append(_to_number(value))
+        except JudgeParseError:
+            key.append(repr(value))
+    return tuple(key)
+
+
+def _mask(text: str, spans: list[tuple[int, int]]) -> str:
+    """``text`` with every span blanked out (same length, so later spans stay valid)."""
+    for start, end in spans:
+        text = text[:start] + " " * (end - start) + text[end:]
+    return text
+
+
+def _bare_list(text: str) -> list[float]:
+    """The numbers of a ``_BARE_LIST_RE`` match (``[+7, .5, 8.]`` too, which JSON would not read)."""
+    return [float(number) for number in re.findall(_NUMBER, text)]
+
+
+def _score_lists(text: str, n_expected: int) -> list[tuple[Any, ...]]:
+    """Every distinct score list the reply states, in order of first appearance.
+
+    Counted: the ``score`` field of every object that decodes; a ``score`` field found by pattern outside those
+    objects (a broken object); and, outside both, every bare numeric list of ``n_expected`` numbers (a list of
+    another length, such as an RGB triple in the prose, is not a score list). Lists inside a decoded object's
+    reasoning string are its argument, not an answer, and are not counted.
+    """
+    found: list[tuple[int, tuple[Any, ...]]] = []
+    objects = _objects(text)
+    for start, _, obj in objects:
+        key = _score_key(obj)
+        if key is not None:
+            found.append((start, _list_key(obj[key])))
+    rest = _mask(text, [(start, end) for start, end, _ in objects])
+    fields = list(_SCORE_FIELD_RE.finditer(rest))
+    found.extend((match.start(), _list_key(_decode_field(match.group(1)))) for match in fields)
+    rest = _mask(rest, [match.span() for match in fields])
+    for match in _BARE_LIST_RE.finditer(rest):
+        values = _bare_list(match.group(0))
+        if len(values) == n_expected:
+            found.append((match.start(), _list_key(values)))
+    return list(dict.fromkeys(key for _, key in sorted(found, key=lambda item: item[0])))
+
+
+def _show(key: tuple[Any, ...]) -> str:
+    return "[" + ", ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in key) + "]"
+
+
+def _ambiguous(keys: list[tuple[Any, ...]]) -> JudgeParseError:
+    """The rejection of a reply that states several different score lists, naming (up to three of) them."""
+    shown = " vs ".join(_show(key) for key in keys[:3]) + (" vs ..." if len(keys) > 3 else "")
+    return JudgeParseError(f"ambiguous reply: {len(keys)} different score lists ({shown})")
 
 
 def parse_scores(text: str | None, n_expected: int = 2, score_range: int = 10) -> ParsedReply:
@@ -197,29 +293,34 @@ def parse_scores(text: str | None, n_expected: int = 2, score_range: int = 10) -
     by pattern when the object is otherwise broken (e.g. unescaped quotes in the reasoning); a bare numeric list
     ``[7, 8]`` when it is the only one in the text. A scalar ``"score": 7`` counts as one score, so it is accepted
     only when ``n_expected == 1``.
+
+    Before any of that, a reply stating more than one *different* score list (see :func:`_score_lists`: two
+    objects or fenced blocks, a broken object next to a good one, a bare list in the prose that differs from the
+    object's) is rejected as ``ambiguous reply: N different score lists (...)``; the same list repeated is fine.
     """
     _check_range(score_range)
     if text is None or not text.strip():
         raise JudgeParseError("empty judge reply")
-    for candidate in _object_slices(text):
-        obj = _decode_object(candidate)
-        if obj is None:
-            continue
-        key = "score" if "score" in obj else "scores" if "scores" in obj else None
-        if key is None:
-            raise JudgeParseError(f"judge reply object has no 'score' field (keys: {sorted(obj)})")
-        reasoning = obj.get("reasoning", "")
-        return ParsedReply(_validate(obj[key], n_expected, score_range), str(reasoning).strip())
+    stated = _score_lists(text, n_expected)
+    if len(stated) > 1:
+        raise _ambiguous(stated)
+    candidates = _candidate_objects(text)
+    for obj in candidates:
+        key = _score_key(obj)
+        if key is not None:
+            reasoning = obj.get("reasoning", "")
+            return ParsedReply(_validate(obj[key], n_expected, score_range), str(reasoning).strip())
+    if candidates:
+        raise JudgeParseError(f"judge reply object has no 'score' field (keys: {sorted(candidates[0])})")
     fields = _field_fallback(text)
     if fields is not None:
         raw, reasoning = fields
         return ParsedReply(_validate(raw, n_expected, score_range), reasoning)
-    lists = {re.sub(r"\s+", "", match) for match in _BARE_LIST_RE.findall(text)}
+    lists = list(dict.fromkeys(tuple(_bare_list(match)) for match in _BARE_LIST_RE.findall(text)))
     if len(lists) == 1:
-        raw = json.loads(_TRAILING_COMMA_RE.sub(r"\1", lists.pop()))
-        return ParsedReply(_validate(raw, n_expected, score_range), "")
+        return ParsedReply(_validate(list(lists[0]), n_expected, score_range), "")
     if len(lists) > 1:
-        raise JudgeParseError(f"judge reply has {len(lists)} different score lists and no JSON object")
+        raise _ambiguous(lists)
     snippet = " ".join(text.split())[:80]
     raise JudgeParseError(f"no score found in judge reply: {snippet!r}")
 

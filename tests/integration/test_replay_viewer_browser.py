@@ -1,8 +1,9 @@
 """The exported replay viewer in headless Chromium (no driver): `--dump-dom` after the page's JavaScript ran, with the
 initial sort/filter taken from the URL query, and a `--screenshot` saved under the run directory.
 
-Chromium is Debian's package, installed here if `/usr/bin/chromium` is missing; the tests skip only when that install
-fails (the reason is in the skip message).
+Chromium is Debian's package, installed here if `/usr/bin/chromium` is missing. When that install fails the tests skip
+(the reason is in the skip message), except under CI (`CI=true` or `CI=1`), where a missing Chromium fails the run:
+CI's set-up step (`make setup`) installs it, so a skip there would hide a broken set-up.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +45,34 @@ def _install_chromium() -> str | None:
     return None
 
 
+def in_ci(environ: Mapping[str, str]) -> bool:
+    """Whether this is a CI run: ``CI`` is ``true`` (any case) or ``1``, as CI services set it."""
+    return environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def find_chromium(
+    path: Path = CHROMIUM,
+    install: Callable[[], str | None] = _install_chromium,
+    environ: Mapping[str, str] = os.environ,
+) -> Path:
+    """``path``, installing Chromium first if it is missing; if that fails, skip, or under CI fail with the reason."""
+    if path.exists():
+        return path
+    reason = install()
+    if reason is None:
+        return path
+    if in_ci(environ):
+        pytest.fail(
+            f"CI requires Chromium for the replay viewer browser test, and {path} is missing: {reason}. "
+            "`make setup` installs it (Debian package `chromium`); a skip here would hide a broken set-up.",
+            pytrace=False,
+        )
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def chromium() -> Path:
-    if not CHROMIUM.exists():
-        reason = _install_chromium()
-        if reason is not None:
-            pytest.skip(reason)
-    return CHROMIUM
+    return find_chromium()
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +177,50 @@ def test_screenshot_is_saved_under_the_run_directory(chromium, viewer, tmp_path)
     with Image.open(shot) as im:
         assert im.size == (1280, 2000)
         assert len(im.convert("RGB").getcolors(maxcolors=1280 * 2000)) > 50  # the images rendered, not a blank page
+
+
+# ---------------------------------------------------------------- skip or fail without Chromium (no browser needed)
+
+
+def _no_install(calls: list[int]) -> Callable[[], str | None]:
+    def install() -> str | None:
+        calls.append(1)
+        return "apt-get not available"
+
+    return install
+
+
+@pytest.mark.parametrize("ci", ["true", "TRUE", "True", "1", " true\n"])
+def test_missing_chromium_fails_under_ci(tmp_path, ci):
+    calls: list[int] = []
+    with pytest.raises(pytest.fail.Exception) as failed:
+        find_chromium(tmp_path / "chromium", _no_install(calls), {"CI": ci})
+    message = str(failed.value)
+    assert "CI requires Chromium" in message and "make setup" in message and "Debian package `chromium`" in message
+    assert "apt-get not available" in message and calls == [1]  # the install was tried first
+
+
+def test_the_process_environment_is_what_decides(tmp_path, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI requires Chromium"):
+        find_chromium(tmp_path / "chromium", _no_install([]))
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        find_chromium(tmp_path / "chromium", _no_install([]))
+
+
+@pytest.mark.parametrize("environ", [{}, {"CI": ""}, {"CI": "false"}, {"CI": "0"}, {"CI": "yes please"}])
+def test_missing_chromium_skips_outside_ci(tmp_path, environ):
+    calls: list[int] = []
+    with pytest.raises(pytest.skip.Exception, match="apt-get not available"):
+        find_chromium(tmp_path / "chromium", _no_install(calls), environ)
+    assert calls == [1]
+
+
+def test_present_or_installed_chromium_is_used_without_skip_or_fail(tmp_path):
+    present = tmp_path / "chromium"
+    present.touch()
+    calls: list[int] = []
+    assert find_chromium(present, _no_install(calls), {"CI": "true"}) == present and calls == []
+    missing = tmp_path / "missing"
+    assert find_chromium(missing, lambda: None, {"CI": "true"}) == missing  # the install succeeded

@@ -105,6 +105,20 @@ def test_out_of_range_is_reasked_with_a_new_seed_then_unscored_never_clamped() -
     assert len(garbage.asked) == 4 * 3  # 2 edits x (SC, PQ), asked once and re-asked twice
 
 
+def test_a_reply_with_two_different_score_lists_is_reasked_then_unscored() -> None:
+    guess_then_fix = 'First guess: [20, 15]. No, on reflection: {"reasoning": "a seam", "score": [10, 15]}'
+    same_twice = reply([20, 15], "twice") + " " + reply([20, 15], "twice")
+    judge = Scripted({(42, "SC"): guess_then_fix, (42, "PQ"): same_twice, (43, "SC"): reply([25, 25])})
+    (score,) = EditScoreBackend(engine=judge, max_reasks=1).score(request())
+    assert score.scored and score.sub_scores["SC"] == pytest.approx(10.0)  # the re-ask, never the first guess (6.0)
+    assert score.sub_scores["PQ"] == pytest.approx(6.0)  # the same list twice is fine
+    assert [(seed, kind) for seed, kind, _ in judge.asked] == [(42, "SC"), (42, "PQ"), (43, "SC")]
+    stubborn = Scripted({**{(seed, "SC"): guess_then_fix for seed in (42, 43, 44)}, (42, "PQ"): same_twice})
+    (score,) = EditScoreBackend(engine=stubborn, max_reasks=2).score(request())
+    assert not score.scored and score.overall is None
+    assert "ambiguous reply: 2 different score lists ([20, 15] vs [10, 15])" in score.reasoning
+
+
 @pytest.mark.parametrize(
     "options, message",
     [

@@ -53,12 +53,83 @@ def test_parse_scalar_score_only_when_one_is_expected() -> None:
         ("   \n", "empty judge reply"),
         (None, "empty judge reply"),
         ("I'm sorry, but I can't help with evaluating this image.", "no score found"),
-        ("first [1, 2] then [3, 4]", "2 different score lists"),
+        ("first [1, 2] then [3, 4]", r"ambiguous reply: 2 different score lists \(\[1, 2\] vs \[3, 4\]\)"),
     ],
 )
 def test_parse_rejects_instead_of_guessing(reply: str | None, reason: str) -> None:
     with pytest.raises(JudgeParseError, match=reason):
         parse_scores(reply)
+
+
+GUESS_THEN_CORRECTION = (
+    "My first impression is [6, 7]: the sky is red. Looking again, the horizon has a seam, so:\n"
+    '```json\n{"reasoning": "The sky is red but a seam runs along the horizon.", "score": [4, 7]}\n```'
+)
+
+
+@pytest.mark.parametrize(
+    ("reply", "lists"),
+    [
+        ('{"reasoning": "a", "score": [6, 7]}\n{"reasoning": "b", "score": [4, 7]}', "[6, 7] vs [4, 7]"),
+        (GUESS_THEN_CORRECTION, "[6, 7] vs [4, 7]"),
+        (
+            '```json\n{"reasoning": "a", "score": [6, 7]}\n```\nCorrection:\n```\n{"score": [5, 7]}\n```',
+            "[6, 7] vs [5, 7]",
+        ),
+        (
+            '{"reasoning": "the "cat" is red", "score": [9, 2]} No: {"reasoning": "x", "score": [3, 2]}',
+            "[9, 2] vs [3, 2]",
+        ),
+        ('{"reasoning": "ok", "score": [7, 8]} Final answer: [7, 9]', "[7, 8] vs [7, 9]"),
+        ("{'reasoning': 'a', 'score': [6, 7]} {'reasoning': 'b', 'score': [6, 7.5]}", "[6, 7] vs [6, 7.5]"),
+    ],
+)
+def test_two_different_score_lists_are_ambiguous_never_the_first_one(reply: str, lists: str) -> None:
+    with pytest.raises(JudgeParseError) as caught:
+        parse_scores(reply)
+    assert caught.value.reason == f"ambiguous reply: 2 different score lists ({lists})"
+
+
+def test_ambiguity_is_checked_before_the_lists_are_validated() -> None:
+    with pytest.raises(JudgeParseError, match="ambiguous reply: 2 different score lists"):
+        parse_scores('{"reasoning": "a", "score": [11, 8]} {"reasoning": "b", "score": [9, 8]}')
+    with pytest.raises(JudgeParseError, match=r"ambiguous reply: 4 different score lists \(.* vs \.\.\.\)"):
+        parse_scores("[1, 2] [3, 4] [5, 6] [7, 8]")
+
+
+@pytest.mark.parametrize(
+    ("reply", "reasoning"),
+    [
+        ('{"reasoning": "a", "score": [6, 7]}\n{"reasoning": "b", "score": [6, 7]}', "a"),
+        ('{"score": [6, 7], "reasoning": "a"} {"score": [6.0, "7"], "reasoning": "b"}', "a"),
+        (
+            '```json\n{"reasoning": "a", "score": [6, 7]}\n```\nAgain:\n```json\n{"reasoning": "a", "score": [6, 7]}\n```',
+            "a",
+        ),
+        ('{"reasoning": "ok", "score": [6, 7]} So my scores are [6, 7].', "ok"),
+        ("I would say [6, 7]. [6.0, 7]", ""),
+    ],
+)
+def test_the_same_score_list_repeated_is_scored(reply: str, reasoning: str) -> None:
+    parsed = parse_scores(reply)
+    assert parsed.scores == [6.0, 7.0]
+    assert parsed.reasoning == reasoning
+
+
+@pytest.mark.parametrize(
+    ("reply", "scores"),
+    [
+        ('{"reasoning": "I first thought [6, 7], then saw the seam", "score": [4, 7]}', [4.0, 7.0]),
+        ('{"reasoning": "the wall is now [255, 0, 0] red", "score": [9, 8]}', [9.0, 8.0]),
+        ('The wall became (255, 0, 0), i.e. [255, 0, 0]. {"reasoning": "red", "score": [9, 8]}', [9.0, 8.0]),
+        ('Review {of the image}: {"reasoning": "r", "score": [1, 2]}', [1.0, 2.0]),
+        ("Scores: [+7, 8.]", [7.0, 8.0]),
+    ],
+)
+def test_one_score_list_is_scored(reply: str, scores: list[float]) -> None:
+    """Lists inside a decoded object's reasoning are its argument, a list of another length is not a score list, and a
+    bare list JSON would not read (``[+7, 8.]``, which used to raise a JSONDecodeError past the re-ask path) parses."""
+    assert parse_scores(reply).scores == scores
 
 
 def test_parse_range_follows_score_range() -> None:
