@@ -27,6 +27,7 @@ tensors, exactly as the actor batched it, so with the actor's weights prox == be
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -241,7 +242,7 @@ class Learner:
             self.check_alarm(stats)
         assert self.writer is not None
         for key, value in stats.items():
-            if "/" in key:
+            if "/" in key and math.isfinite(value):  # a NaN/inf is named in metrics.jsonl's non_finite, not plotted
                 self.writer.add_scalar(key, value, self.step)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in stats.items() if "/" in k}, step=self.step)
@@ -252,7 +253,7 @@ class Learner:
                 "learner/staleness", np.repeat(np.array(lags, dtype=np.float64), counts), self.step
             )
         self.writer.flush()
-        self.metrics_file.write(json.dumps({"step": self.step, "version": self.version, "time": time.time(), **stats}))
+        self.metrics_file.write(metrics_line(self.step, self.version, time.time(), stats))
         self.metrics_file.write("\n")
         self.metrics_file.flush()
         gold = f" | gold {stats['reward/gold']:.3f} gap {stats['reward/gap']:+.3f}" if "reward/gold" in stats else ""
@@ -330,3 +331,13 @@ class Learner:
 def _fmt(stats: dict[str, float], key: str, spec: str) -> str:
     """A console figure, or "-" when the step did not measure it."""
     return format(stats[key], spec) if key in stats else "-"
+
+
+def metrics_line(step: int, version: int, now: float, stats: dict[str, float]) -> str:
+    """One metrics.jsonl line, strict JSON: a non-finite value is left out and its key listed under ``non_finite``."""
+    bad = sorted(k for k, v in stats.items() if isinstance(v, float) and not math.isfinite(v))
+    row: dict[str, Any] = {"step": step, "version": version, "time": now}
+    row.update({k: v for k, v in stats.items() if k not in bad})
+    if bad:
+        row["non_finite"] = bad
+    return json.dumps(row, allow_nan=False)

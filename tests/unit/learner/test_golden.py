@@ -131,6 +131,8 @@ def run_scenario(model_dir: Path, learner: dict[str, Any]) -> dict[int, dict[str
         dist.destroy_process_group()
     assert got[2]["learner/staleness_1"] == 2.0
     assert got[1]["learner/behave_dev_max"] == 0.0  # prox at the start of step 1 equals behave exactly
+    assert got[1]["learner/logp_mismatch_max"] == 0.0  # ... bit for bit: measured on fresh (version-0) groups
+    assert "learner/logp_mismatch_max" not in got[2]  # step 2's groups are a version old: not measured, absent
     return {step: {key: got[step][key] for key in RECORDED_KEYS[step]} for step in got}
 
 
