@@ -4,10 +4,12 @@
 Both shard the policy's trained module across the torchrun ranks (gloo on CPU, NCCL on GPUs), train only the LoRA
 parameters with AdamW, accumulate gradients over any number of ``backward`` calls and step once per learner step.
 
-Checkpoints hold the trainable parameters and the optimizer state. Both formats contain pickles (DCP's
-``.metadata``, DeepSpeed's ``*.pt``): :meth:`TrainEngine.save` returns the sha256 of every file it wrote, the learner
-records them, and :meth:`TrainEngine.load` refuses a checkpoint whose files do not match -- a pickle this learner did
-not write is never unpickled.
+Checkpoints hold the trainable parameters and the optimizer state. FSDP2's hold no pickle: the full (gathered)
+LoRA parameters and the flattened optimizer state go to ``state.safetensors``, every non-tensor value (the optimizer's
+hyper-parameters) to ``state.json`` (:mod:`editrl.learner.checkpoint_io`). DeepSpeed's own format pickles (its
+``*.pt`` files). For both, :meth:`TrainEngine.save` returns the sha256 of every file it wrote, the learner records
+them, and :meth:`TrainEngine.load` refuses a checkpoint whose files do not match -- so a DeepSpeed pickle this
+learner did not write is never unpickled.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class TrainEngine(Protocol):
 
 
 class FSDP2Engine:
-    """``fully_shard`` on every shard unit, then the root; AdamW on the LoRA parameters; DCP checkpoints."""
+    """``fully_shard`` on every shard unit, then the root; AdamW on the LoRA parameters; pickle-free checkpoints."""
 
     name = "fsdp2"
 
@@ -114,35 +116,41 @@ class FSDP2Engine:
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {lora_key(k): v for k, v in full.items() if is_lora_key(k)}
 
-    def save(self, path: Path) -> dict[str, str]:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    _OPTIONS = {"full_state_dict": True, "cpu_offload": True, "ignore_frozen_params": True}
 
-        model_sd, optim_sd = get_state_dict(
-            self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=True)
+    def save(self, path: Path) -> dict[str, str]:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
         )
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+
+        from editrl.learner.checkpoint_io import write_state
+
+        options = StateDictOptions(**self._OPTIONS)
+        model_sd = get_model_state_dict(self.model, options=options)  # collective; full tensors on rank 0
+        optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        if dist.get_rank() == 0:
+            write_state(path, {"model": model_sd, "optim": optim_sd})
         dist.barrier()
         return checksums(path) if dist.get_rank() == 0 else {}
 
     def load(self, path: Path, expected: dict[str, str]) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        from editrl.learner.checkpoint_io import read_state
 
         verify_checksums(path, expected)
-        opts = StateDictOptions(ignore_frozen_params=True)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=opts)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        # The checkpoint holds only the trainable (LoRA) parameters: load non-strictly, then insist that every
-        # trainable parameter was restored.
+        state = read_state(path)  # every rank reads the full state (the checkpoint directory is shared, as before)
+        # Only the trainable (LoRA) parameters are in it: load non-strictly, then insist every one was restored.
+        options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False)
         result = set_state_dict(
             self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+            options=options,
         )  # fmt: skip
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
         missing = trainable & set(getattr(result, "missing_keys", []))
-        if missing:
+        if missing or not state["model"]:
             raise RuntimeError(f"checkpoint {path} lacks trainable parameters: {sorted(missing)[:5]}")
 
     def trainable_norm(self) -> float:

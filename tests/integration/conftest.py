@@ -82,5 +82,22 @@ def assert_exact_every_step(metrics: list[dict[str, Any]], min_steps: int = 6) -
         assert m["learner/staleness_max"] == 0.0, m
 
 
+def pickle_files(root: Path) -> list[str]:
+    """Files below ``root`` that are pickles: a pickle stream (protocol 2-5 opcode first) or a zip holding one (the
+    format of ``torch.save``)."""
+    import zipfile
+
+    found = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        head = path.read_bytes()[:2]
+        if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+            found.append(str(path.relative_to(root)))
+        elif zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                if any(name.endswith(".pkl") for name in archive.namelist()):
+                    found.append(str(path.relative_to(root)))
+    return found
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -16,7 +16,7 @@ import numpy as np
 
 from editrl.broker.store import ReplayStore
 
-from .conftest import assert_exact_every_step, read_jsonl, write_topology
+from .conftest import assert_exact_every_step, pickle_files, read_jsonl, write_topology
 
 STEPS = 80  # reward, mean of the first 20 steps -> of the last 20: +1.99 here at 80 steps (+1.12 at 60, +2.7 at 120)
 
@@ -137,6 +137,9 @@ def test_restart_resumes_learner_broker_and_actor_state(tmp_path, tiny_model_dir
     store = ReplayStore(run / "replay.lmdb", capacity=10**6, readonly=True)
     assert store.get_meta("task_cursor") > cursor_before
     assert store.get_meta("weights")["version"] == 7
+    # Nothing pickled anywhere in an FSDP2 run, checkpoints included (safetensors + JSON; issue 13).
+    assert (run / "checkpoints/step_000004/state.safetensors").is_file()
+    assert pickle_files(run) == []
 
 
 def test_ctrl_c_stops_every_process(tmp_path, tiny_model_dir, quickstart_tasks):

@@ -1,13 +1,16 @@
-"""common/weights/stream_server.py (server) and common/weights/stream_client.py (actor side) over real ZeroMQ sockets on 127.0.0.1: round trips, chunking, corruption, eviction,
-malformed requests, a stopped server, CURVE, and the uri dispatch of load_weights."""
+"""common/weights/stream_server.py (server) and common/weights/stream_client.py (actor side) over real ZeroMQ
+sockets on 127.0.0.1: round trips, chunking, corruption and truncation (at the server and on the wire, through a
+proxy), a tampered checksum table, eviction, malformed requests, protocol versions, a stopped server, CURVE, and the
+uri dispatch of load_weights."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
+import threading
 import time
+import zlib
 
 import msgpack
 import pytest
@@ -16,11 +19,13 @@ import zmq
 from safetensors.torch import save as safetensors_save
 
 from editrl.common.keys import generate_layout
+from editrl.common.weights.blob import crc_table, manifest_digest
 from editrl.common.weights.file import publish_file
 from editrl.common.weights.stream_client import FetchStats, FetchStopped, fetch_stream, load_weights
 from editrl.common.weights.stream_server import (
     MAX_REQUEST_BYTES,
     MIN_CHUNK_BYTES,
+    STREAM_PROTOCOL_VERSION,
     FilePublisher,
     WeightServer,
     WeightsStreamError,
@@ -64,9 +69,13 @@ def test_round_trip_is_bit_equal_and_keeps_dtypes(server, tmp_path):
     assert info.version == 1 and info.kind == "full"
     assert info.uri == server.uri and info.uri.startswith("stream://127.0.0.1:")
     blob = safetensors_save(sd)
-    assert info.sha256 == hashlib.sha256(blob).hexdigest() and payload_bytes(sd) == len(blob)
-    # the same bytes as the file transport: both announce the same digest for the same weights
-    assert publish_file(tmp_path, 1, sd, "full").sha256 == info.sha256
+    assert payload_bytes(sd) == len(blob)
+    # the announced digest is the manifest's: sha256 of (size, chunk size, CRC-32 of every safetensors chunk), so the
+    # stream carries exactly the bytes safetensors (and the file transport) writes
+    crcs = [zlib.crc32(blob[i : i + SMALL_CHUNK]) for i in range(0, len(blob), SMALL_CHUNK)]
+    assert info.sha256 == manifest_digest(len(blob), SMALL_CHUNK, crc_table(crcs))
+    published = publish_file(tmp_path, 1, sd, "full")
+    assert (tmp_path / "v000001" / "adapter.safetensors").read_bytes() == blob and published.sha256 != info.sha256
     stats = FetchStats()
     got = fetch_stream(info, timeout_s=2.0, stats=stats)
     assert_bit_equal(got, sd)
@@ -112,6 +121,124 @@ def test_corrupted_chunk_is_detected_and_fetched_again(server, monkeypatch):
     stats = FetchStats()
     assert_bit_equal(fetch_stream(info, timeout_s=2.0, stats=stats), sd)
     assert calls[1] == 2 and stats.resent_corrupt == 1
+
+
+class WireProxy:
+    """A ROUTER/DEALER relay between one client and the weight server that lets ``damage(msg, frames)`` rewrite each
+    reply's frames on the way back: the wire between them, seen from the client."""
+
+    def __init__(self, server_endpoint: str, damage) -> None:
+        self.ctx = zmq.Context()
+        self.front, self.back = self.ctx.socket(zmq.ROUTER), self.ctx.socket(zmq.DEALER)
+        for sock in (self.front, self.back):
+            sock.setsockopt(zmq.LINGER, 0)
+        self.front.bind("tcp://127.0.0.1:0")
+        self.back.connect(server_endpoint)
+        port = self.front.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]
+        self.uri, self.damage, self.stop = f"stream://127.0.0.1:{port}", damage, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        poller, client = zmq.Poller(), None
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
+        while not self.stop.is_set():
+            ready = dict(poller.poll(50))
+            if self.front in ready:
+                client, *frames = self.front.recv_multipart()
+                self.back.send_multipart(frames)
+            if self.back in ready:
+                frames = self.back.recv_multipart()
+                self.front.send_multipart([client, *self.damage(msgpack.unpackb(frames[0]), frames)])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.front.close()
+        self.back.close()
+        self.ctx.term()
+
+
+def _flip(frame: bytes) -> bytes:
+    return frame[:10] + bytes([frame[10] ^ 0x01]) + frame[11:]
+
+
+WIRE_DAMAGE = {
+    "bit_flipped": lambda frames: [frames[0], _flip(frames[1])],
+    "truncated": lambda frames: [frames[0], frames[1][:-1]],
+    "one_byte_long": lambda frames: [frames[0], frames[1] + b"\0"],
+    "chunk_frame_missing": lambda frames: [frames[0]],
+    "other_chunks_bytes": lambda frames: [frames[0], bytes(reversed(frames[1]))],
+}
+
+
+@pytest.mark.parametrize("how", sorted(WIRE_DAMAGE))
+def test_chunk_damaged_on_the_wire_is_rejected_and_fetched_again(server, how):
+    sd = make_state_dict()
+    info = server.publish(1, sd, "full")
+    damaged: list[int] = []
+
+    def damage_chunk_1_once(msg, frames):
+        if msg.get("op") == "chunk" and msg.get("index") == 1 and not damaged:
+            damaged.append(1)
+            return WIRE_DAMAGE[how](frames)
+        return frames
+
+    proxy = WireProxy(server.endpoint, damage_chunk_1_once)
+    try:
+        stats = FetchStats()
+        assert_bit_equal(fetch_stream(dataclasses.replace(info, uri=proxy.uri), timeout_s=2.0, stats=stats), sd)
+    finally:
+        proxy.close()
+    n_chunks = math.ceil(payload_bytes(sd) / SMALL_CHUNK)
+    assert damaged and stats.resent_corrupt == 1 and stats.resent_timeout == 0
+    assert server.counters["weights_stream/chunks_served"] == n_chunks + 1
+
+
+def test_chunk_damaged_on_every_attempt_fails_cleanly(server):
+    info = server.publish(1, make_state_dict(), "full")
+
+    def flip_chunk_3(msg, frames):
+        return WIRE_DAMAGE["bit_flipped"](frames) if msg.get("op") == "chunk" and msg.get("index") == 3 else frames
+
+    proxy = WireProxy(server.endpoint, flip_chunk_3)
+    try:
+        with pytest.raises(WeightsStreamError, match="chunk 3 .* failed its checksum 3 times"):
+            fetch_stream(dataclasses.replace(info, uri=proxy.uri), timeout_s=2.0, retries=2)
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("how", ["entry_changed", "entry_dropped"])
+def test_a_checksum_table_that_is_not_the_announced_one_is_refused(server, how):
+    """The CRC-32 table is bound to the announcement by the manifest digest: a table changed on the way (which
+    would let matching corrupt chunks through) fails the fetch before any chunk is asked for."""
+    info = server.publish(1, make_state_dict(), "full")
+
+    def damage_table(msg, frames):
+        if msg.get("op") != "meta":
+            return frames
+        return [frames[0], _flip(frames[1]) if how == "entry_changed" else frames[1][:-4]]
+
+    proxy = WireProxy(server.endpoint, damage_table)
+    try:
+        match = "the announcement says" if how == "entry_changed" else "checksum table of"
+        with pytest.raises(WeightsStreamError, match=match):
+            fetch_stream(dataclasses.replace(info, uri=proxy.uri), timeout_s=2.0)
+    finally:
+        proxy.close()
+    assert server.counters["weights_stream/chunks_served"] == 0
+
+
+def test_a_peer_speaking_another_protocol_version_is_refused_by_name(server, monkeypatch):
+    import editrl.common.weights.stream_client as stream_client
+
+    info = server.publish(1, make_state_dict(), "full")
+    monkeypatch.setattr(stream_client, "STREAM_PROTOCOL_VERSION", STREAM_PROTOCOL_VERSION - 1)
+    with pytest.raises(WeightsStreamError, match="'bad_protocol_version': 'got proto 1, this server speaks 2'"):
+        fetch_stream(info, timeout_s=2.0)
+    assert server.counters["weights_stream/error_bad_protocol_version"] == 1
 
 
 def test_lost_chunk_reply_is_requested_again_after_the_timeout(server, monkeypatch):
@@ -161,28 +288,33 @@ def test_unknown_version_and_mismatched_announcement(server):
         fetch_stream(dataclasses.replace(info, sha256="0" * 64), timeout_s=2.0)
 
 
-def _bad_requests() -> list[list[bytes]]:
-    pack = msgpack.packb
+def _bad_requests() -> list[tuple[list[bytes], str]]:
+    """(request frames, the error reason the server must answer with)."""
+    pack, v = msgpack.packb, STREAM_PROTOCOL_VERSION
     return [
-        [os.urandom(64)],
-        [b""],
-        [pack([1, 2, 3])],
-        [pack({"op": "nope", "version": 1})],
-        [pack({"op": 7, "version": 1})],
-        [pack({"op": "meta"})],
-        [pack({"op": "meta", "version": "1"})],
-        [pack({"op": "meta", "version": True})],
-        [pack({"op": "meta", "version": 1.0})],
-        [pack({"op": "meta", "version": 1, "extra": 1})],
-        [pack({"op": "meta", "version": 1, "proto": 99})],
-        [pack({"op": "chunk", "version": 1})],
-        [pack({"op": "chunk", "version": 1, "index": -1})],
-        [pack({"op": "chunk", "version": 1, "index": 10**6})],
-        [pack({"op": "chunk", "version": 1, "index": [0]})],
-        [pack({b"op": b"meta", b"version": 1}, use_bin_type=True)],
-        [pack(msgpack.ExtType(1, b"x"))],
-        [b"\x91" * 2000 + b"\xc0"],  # arrays nested 2000 deep
-        [pack({"op": "meta", "version": 1}), b"extra frame"],
+        ([os.urandom(64)], "bad_msgpack"),
+        ([b""], "bad_msgpack"),
+        ([pack([1, 2, 3])], "bad_request"),
+        ([pack({"op": "nope", "version": 1})], "unknown_op"),
+        ([pack({"op": 7, "version": 1})], "unknown_op"),
+        ([pack({"op": "meta"})], "bad_fields"),
+        ([pack({"proto": v, "op": "meta", "version": "1"})], "wrong_type"),
+        ([pack({"proto": v, "op": "meta", "version": True})], "wrong_type"),
+        ([pack({"proto": v, "op": "meta", "version": 1.0})], "wrong_type"),
+        ([pack({"op": "meta", "version": 1, "extra": 1})], "bad_fields"),
+        ([pack({"op": "meta", "version": 1, "proto": 99})], "bad_protocol_version"),
+        ([pack({"op": "meta", "version": 1})], "bad_protocol_version"),  # no proto: protocol 1 clients could omit it
+        ([pack({"op": "meta", "version": 1, "proto": 1})], "bad_protocol_version"),
+        ([pack({"op": "meta", "version": 1, "proto": "2"})], "wrong_type"),
+        ([pack({"proto": v, "op": "chunk", "version": 1})], "bad_fields"),
+        ([pack({"proto": v, "op": "chunk", "version": 1, "index": -1})], "wrong_type"),
+        ([pack({"proto": v, "op": "chunk", "version": 1, "index": 10**6})], "bad_index"),
+        ([pack({"proto": v, "op": "chunk", "version": 1, "index": [0]})], "wrong_type"),
+        ([pack({"proto": v, "op": "chunk", "version": 9, "index": 0})], "unknown_version"),
+        ([pack({b"op": b"meta", b"version": 1}, use_bin_type=True)], "unknown_op"),
+        ([pack(msgpack.ExtType(1, b"x"))], "ext_type"),
+        ([b"\x91" * 2000 + b"\xc0"], "bad_msgpack"),  # arrays nested 2000 deep
+        ([pack({"proto": v, "op": "meta", "version": 1}), b"extra frame"], "frame_count"),
     ]
 
 
@@ -194,13 +326,13 @@ def test_malformed_requests_are_answered_and_counted(server):
     sock.connect(server.endpoint)
     try:
         bad = _bad_requests()
-        for frames in bad:
+        for frames, reason in bad:
             sock.send_multipart(frames)
             assert sock.poll(2000), f"no reply to {frames!r:.80}"
             reply = sock.recv_multipart()
             assert len(reply) == 1
             msg = msgpack.unpackb(reply[0])
-            assert msg["ok"] is False and msg["error"] and msg["versions"] == [1], (frames, msg)
+            assert msg["ok"] is False and msg["error"] == reason and msg["versions"] == [1], (frames, msg)
         assert server.errors == len(bad) and server.alive
         # over MAX_REQUEST_BYTES: ZeroMQ drops the peer without a reply; the server goes on serving others
         sock.send(b"\0" * (MAX_REQUEST_BYTES + 1))
@@ -208,7 +340,7 @@ def test_malformed_requests_are_answered_and_counted(server):
         sock.close()
         ctx.term()
     assert_bit_equal(fetch_stream(info, timeout_s=2.0), make_state_dict())
-    assert server.alive and server.counters["weights_stream/error_unknown_op"] >= 3  # nope, 7, bytes keys
+    assert server.alive and server.counters["weights_stream/error_unknown_op"] == 3  # nope, 7, bytes keys
 
 
 def test_stopped_server_times_out_within_the_configured_time():
@@ -250,7 +382,7 @@ def test_load_weights_dispatches_on_the_uri(server, tmp_path):
     sd = make_state_dict()
     stream_info = server.publish(1, sd, "full")
     file_info = FilePublisher(tmp_path).publish(1, sd, "full")
-    assert file_info.uri == str(tmp_path / "v000001") and file_info.sha256 == stream_info.sha256
+    assert file_info.uri == str(tmp_path / "v000001")
     assert_bit_equal(load_weights(stream_info, timeout_s=2.0), sd)
     assert_bit_equal(load_weights(file_info), sd)
     with pytest.raises(ValueError, match="no uri"):
