@@ -136,6 +136,8 @@ class LearnerConfig:
     clip_range_high: float = 0.0  # asymmetric upper ε (DAPO-style); 0 = clip_range
     iw_cap: float = 5.0  # cap of the detached importance weight prox/behave
     iw_mode: str = "truncate"  # "truncate": min(w, cap); "mask": units with w > cap contribute nothing
+    rollout_correction: str = "none"  # ar: "none", "tis" (x min(rho, cap)) or "mis" (units with rho > cap dropped)
+    rollout_correction_cap: float = 2.0  # cap of rho = trainer/sampler probability of each sampled token (ar only)
     decoupled: bool = True  # False: plain PPO against the behaviour policy (prox = behave always, no weights)
     prox_bypass: bool = False  # prox = behave (no recompute) on steps where no group is stale
     prox_recompute: bool = False  # a separate no-grad prox pass even with minibatches: 1 (where it equals θ's value)
@@ -355,6 +357,14 @@ def _check(cfg: TopologyConfig) -> None:
         raise ConfigError(f"learner.weights_endpoint: expected tcp://HOST:PORT, got {cfg.learner.weights_endpoint!r}")
     if cfg.learner.engine not in ("fsdp2", "deepspeed"):
         raise ConfigError(f"learner.engine: must be 'fsdp2' or 'deepspeed', got {cfg.learner.engine!r}")
+    if cfg.learner.rollout_correction not in ("none", "tis", "mis"):
+        raise ConfigError(
+            f"learner.rollout_correction: must be 'none', 'tis' or 'mis', got {cfg.learner.rollout_correction!r}"
+        )
+    if cfg.learner.rollout_correction != "none" and cfg.policy.family != "ar":
+        raise ConfigError("learner.rollout_correction: corrects a token sampler's log-probs; only for policy.family ar")
+    if not cfg.learner.rollout_correction_cap >= 1.0:
+        raise ConfigError(f"learner.rollout_correction_cap: must be >= 1, got {cfg.learner.rollout_correction_cap}")
     if cfg.learner.iw_mode not in ("truncate", "mask"):
         raise ConfigError(f"learner.iw_mode: must be 'truncate' or 'mask', got {cfg.learner.iw_mode!r}")
     if not cfg.learner.iw_cap >= 1.0:

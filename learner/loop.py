@@ -194,7 +194,7 @@ class Learner:
                 "path": str(path),
                 "engine": self.cfg.learner.engine,
                 "param_norm": norm,
-                # the checkpoint formats contain pickles: their checksums let the resume refuse files it did not write
+                # DeepSpeed's format contains pickles: these checksums let the resume refuse files it did not write
                 "checksums": files,
             }
             tmp = self.ckpt_dir / "latest.json.tmp"

@@ -16,6 +16,14 @@ where ``w'`` is ``w`` truncated at ``iw_cap`` (``iw_mode="truncate"``: ``min(w, 
 counted units (the normaliser is the original count, masked units included), the batch of samples and the units.
 With ``prox == behave`` (no lag), ``w = 1`` and this is exactly Flow-GRPO's plain clipped loss.
 
+Optional rollout correction for token samplers (``ar`` family; off by default): the engine that sampled a token
+(vLLM, a KV-cached loop) computes its probability ``μ`` with other numerics than the trainer's full forward, whose
+value is the stored behaviour ``π_behave``. With ``rho = exp(behave - sampler)`` per token (the trainer/sampler
+mismatch ratio, detached), ``tis`` multiplies each unit's loss by ``min(rho, cap)`` (truncated importance sampling)
+and ``mis`` by ``rho`` where ``rho <= cap`` and 0 elsewhere (masked). It composes multiplicatively with ``w'``:
+``iw_cap``/``iw_mode`` bound the policy-lag ratio prox/behave, ``rollout_correction_cap`` the engine-mismatch ratio
+behave/sampler; each is capped on its own, the product is not capped again.
+
 Optional KL to the reference policy (the same model with its LoRA adapters disabled), estimated per unit from the
 log-probs of the sampled units with Schulman's k3 estimator ``k3 = exp(ref - θ) - (ref - θ) - 1`` (non-negative,
 zero with zero gradient when ``θ == ref``), added as ``kl_coef · mean(k3)``. For the flow and DDIM families a unit's
@@ -48,12 +56,14 @@ def decoupled_loss(
     mask: torch.Tensor | None = None,
     ref_log_prob: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    rollout_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The decoupled loss of one chunk of units and its detached stats (see the module docstring).
 
     log_prob, prox_log_prob, behave_log_prob, ref_log_prob: [B, k] (or [B]); advantages: [B]; mask: [B, k] of 0/1.
     Stats (over counted units): clip_frac, approx_kl (θ vs prox, 0.5·mean Δ²), ratio_dev_max, iw_mean, iw_max,
     iw_capped_frac (units with w > cap), mismatch_kl (k3 of behave vs prox), kl_ref (k3 of θ vs ref, when given).
+    rollout_weight: [B, k] detached per-unit factor of the rollout correction (see :func:`rollout_weights`).
     """
     if iw_mode not in IW_MODES:
         raise ValueError(f"iw_mode must be one of {IW_MODES}, got {iw_mode!r}")
@@ -71,7 +81,8 @@ def decoupled_loss(
     iw = torch.exp(prox - behave)
     capped = iw > iw_cap
     iw_used = torch.clamp(iw, max=iw_cap) if iw_mode == "truncate" else torch.where(capped, torch.zeros_like(iw), iw)
-    loss = (surrogate * iw_used * weight).sum() / count
+    unit_weight = iw_used if rollout_weight is None else iw_used * rollout_weight.detach().reshape(iw_used.shape)
+    loss = (surrogate * unit_weight * weight).sum() / count
     kl_ref = None
     if ref_log_prob is not None:
         kl_ref = k3(ref_log_prob.detach(), log_prob)
@@ -97,3 +108,19 @@ def decoupled_loss(
         if kl_ref is not None:
             stats["kl_ref"] = mean(kl_ref)
     return loss, stats
+
+
+ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
+
+
+def rollout_weights(behave: torch.Tensor, sampler: torch.Tensor, mode: str, cap: float) -> torch.Tensor:
+    """Per-unit factor of the rollout correction (see the module docstring): from ``rho = exp(behave - sampler)``,
+    ``min(rho, cap)`` for ``tis``, ``rho`` or 0 beyond ``cap`` for ``mis``, 1 for ``none``. Detached."""
+    if mode not in ROLLOUT_CORRECTIONS:
+        raise ValueError(f"rollout correction must be one of {ROLLOUT_CORRECTIONS}, got {mode!r}")
+    rho = torch.exp(behave.detach() - sampler.detach())
+    if mode == "none":
+        return torch.ones_like(rho)
+    if mode == "tis":
+        return torch.clamp(rho, max=cap)
+    return torch.where(rho > cap, torch.zeros_like(rho), rho)

@@ -18,13 +18,13 @@ from editrl.common import wire
 from editrl.common.config import TopologyConfig
 from editrl.learner.engines import TrainEngine
 from editrl.learner.loss import group_advantages
-from editrl.learner.objective import decoupled_loss
+from editrl.learner.objective import decoupled_loss, k3, rollout_weights
 
 STAT_KEYS = (
     "loss", "clip_frac", "approx_kl", "ratio_dev_max", "iw_mean", "iw_max", "iw_capped_frac", "mismatch_kl",
-    "behave_dev_max", "kl_ref", "logp_mismatch_max",
+    "behave_dev_max", "kl_ref", "logp_mismatch_max", "sampler_kl", "sampler_logp_dev_max", "rollout_weight_mean",
 )  # fmt: skip
-_MAX_KEYS = ("ratio_dev_max", "iw_max", "behave_dev_max", "logp_mismatch_max")
+_MAX_KEYS = ("ratio_dev_max", "iw_max", "behave_dev_max", "logp_mismatch_max", "sampler_logp_dev_max")
 # Every per-step statistic a rank may report; a key absent on every rank is absent from the step (never 0.0).
 _STEP_KEYS = (
     "reward/mean", "reward/std", "learner/staleness_mean", "learner/staleness_max", "learner/zero_variance_groups",
@@ -134,17 +134,23 @@ class Updater:
             prox = behave if prox == "behave" else None
         mask = group.traj.get("unit_mask")
         mask_t = torch.from_numpy(np.array(mask, dtype=np.float32)) if mask is not None else None
+        sampler = group.traj.get("sampler_log_probs")  # ar: the token engine's own log-probs, [G, T]
+        sampler_t = torch.from_numpy(np.array(sampler, dtype=np.float32)) if sampler is not None else None
         out: dict[str, list[float]] = {}
         for start, log_prob in self.policy.recompute(self.model, group.traj, group.cond, group.params):
             cols = slice(start, start + log_prob.shape[1])
             chunk_mask = mask_t[:, cols] if mask_t is not None else None
             chunk_prox = log_prob.detach() if prox is None else prox[:, cols]
+            chunk_rollout, sampler_stats = None, {}
+            if sampler_t is not None:
+                chunk_rollout, sampler_stats = self._sampler_mismatch(behave[:, cols], sampler_t[:, cols], chunk_mask)
             loss, stats = decoupled_loss(
                 log_prob, chunk_prox, behave[:, cols], adv,
                 clip_low=lcfg.clip_range, clip_high=lcfg.clip_range_high or lcfg.clip_range, iw_cap=lcfg.iw_cap,
                 iw_mode=lcfg.iw_mode, mask=chunk_mask, ref_log_prob=None if ref is None else ref[:, cols],
-                kl_coef=lcfg.kl_coef,
+                kl_coef=lcfg.kl_coef, rollout_weight=chunk_rollout,
             )  # fmt: skip
+            stats.update(sampler_stats)
             self.engine.backward(loss * (log_prob.shape[1] / n_units))
             if not bypassed:
                 deviation = (torch.exp(chunk_prox - behave[:, cols]) - 1.0).abs()
@@ -158,6 +164,25 @@ class Updater:
             for key, value in stats.items():
                 out.setdefault(key, []).append(float(value))
         return {k: max(v) if k in _MAX_KEYS else float(np.mean(v)) for k, v in out.items()}
+
+    def _sampler_mismatch(
+        self, behave: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Sampler-vs-trainer mismatch of one chunk of tokens: ``sampler_kl`` (k3 estimate of KL(sampler || trainer)
+        from the sampled tokens), ``sampler_logp_dev_max`` (max |behave - sampler|, float64 difference) and, with a
+        correction, its per-unit factor and ``rollout_weight_mean``. Over counted units only."""
+        lcfg = self.cfg.learner
+        weight = torch.ones_like(behave) if mask is None else mask
+        count = weight.sum().clamp_min(1.0)
+        stats = {
+            "sampler_kl": (k3(behave, sampler) * weight).sum() / count,
+            "sampler_logp_dev_max": ((behave.double() - sampler.double()).abs() * weight.double()).max(),
+        }
+        if lcfg.rollout_correction == "none":
+            return None, stats
+        factor = rollout_weights(behave, sampler, lcfg.rollout_correction, lcfg.rollout_correction_cap)
+        stats["rollout_weight_mean"] = (factor * weight).sum() / count
+        return factor, stats
 
     def _all_reduce_max(self, value: float) -> float:
         if self.world == 1:
