@@ -96,16 +96,17 @@ def test_the_correction_is_configured_for_token_editors_only() -> None:
     from editrl.common.config import ConfigError, parse_config
 
     base = {"data": {"tasks": "/unused.jsonl"}}
+    flow, ar = {"family": "flow", "model": "/m"}, {"family": "ar", "model": "/m"}
     with pytest.raises(ConfigError, match="learner.rollout_correction: corrects a token sampler"):
-        parse_config({**base, "policy": {"family": "flow"}, "learner": {"rollout_correction": "tis"}})
+        parse_config({**base, "policy": flow, "learner": {"rollout_correction": "tis"}})
     with pytest.raises(ConfigError, match="learner.rollout_correction: must be 'none', 'tis' or 'mis'"):
-        parse_config({**base, "policy": {"family": "ar"}, "learner": {"rollout_correction": "is"}})
+        parse_config({**base, "policy": ar, "learner": {"rollout_correction": "is"}})
     with pytest.raises(ConfigError, match="learner.rollout_correction_cap: must be >= 1"):
         parse_config(
             {
                 **base,
-                "policy": {"family": "ar"},
+                "policy": ar,
                 "learner": {"rollout_correction": "mis", "rollout_correction_cap": 0.5},
             }
         )
-    assert parse_config({**base, "policy": {"family": "ar"}}).learner.rollout_correction == "none"
+    assert parse_config({**base, "policy": ar}).learner.rollout_correction == "none"
