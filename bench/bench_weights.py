@@ -2,13 +2,15 @@
 
 Run from the repo root::
 
-    python -m bench.bench_weights                      # ~100M float32 parameters, 2 actors, median of 3
+    python -m bench.bench_weights                      # ~100M float32 parameters, 2 actors, 5 runs
     python -m bench.bench_weights --quick              # ~5M parameters, 1 actor, 1 run (a few seconds)
     python -m bench.bench_weights --params 50e6 --actors 1 --json /tmp/weights.json
 
 The state dict is a list of float32 matrices (``[2048, 2048]`` each, like transformer linear layers) totalling
-``--params``. Each figure is the median over ``--repeats`` runs; the three measurements of a run are interleaved in a
-rotating order so drifting disk and memory speed hits them alike.
+``--params``. One untimed warm-up run, then ``--repeats`` runs; the three measurements of a run are interleaved in a
+rotating order so drifting disk and memory speed hits them alike. Each run's file and stream times are divided by
+that run's raw time; the report gives the median of those ratios and their spread (min..max) over the runs, and the
+median (min..max) of every time.
 
 1. **raw** (baseline, this process): ``safetensors.torch.save_file`` + ``load_file`` of the same tensors to a temp
    dir. ``load_file`` maps the file lazily, so this is essentially the cost of writing the bytes once.
@@ -16,11 +18,11 @@ rotating order so drifting disk and memory speed hits them alike.
    WeightsInfo is written to every actor's stdin; each actor (a separate OS process started before the timing,
    ``OMP_NUM_THREADS=1``) calls ``load_weights`` → ``load_published`` (sha256 check, lazy load) and reports the time
    it finished. Figure = publish start → the last actor loaded.
-3. **stream**: ``WeightServer.publish`` (safetensors bytes, sha256 of the blob and of each chunk) in this process,
-   then the same announcement; each actor calls ``load_weights`` → ``fetch_stream`` (pipelined chunks, checksums,
-   ``safetensors.torch.load``). Same figure.
+3. **stream**: ``WeightServer.publish`` (safetensors bytes and the XXH3-64 of each chunk, one pass) in this
+   process, then the same announcement; each actor calls ``load_weights`` → ``fetch_stream`` (pipelined chunks, each
+   checked against its XXH3-64 as it arrives and copied into one buffer, tensors as views of it). Same figure.
 
-Ratios: file / raw and stream / raw (target ≤ 2). The LoRA-only payload (rank ``--lora-rank`` adapters A [r, in] and
+Ratios: file / raw and stream / raw per run (target ≤ 2). The LoRA-only payload (rank ``--lora-rank`` adapters A [r, in] and
 B [out, r] on every matrix) is reported as a fraction of the full payload (target ≤ 2 %), with the time to stream it.
 Actor processes report ``time.perf_counter()`` (CLOCK_MONOTONIC: comparable across processes on one host). The last
 lines are ``RESULT ...``; ``--json PATH`` writes the same numbers.
@@ -211,7 +213,7 @@ def _timed(publish: Any, actors: Actors, expect_bytes: int) -> dict[str, float]:
         "publish_s": t_published - t0,
         "load_s_max": max(x[1] - x[0] for x in loads),  # announcement received → tensors returned
         "stream_transfer_s_max": max(x[3] for x in loads),  # FetchStats: meta request → last verified chunk
-        "stream_load_s_max": max(x[4] for x in loads),  # FetchStats: whole-blob check + safetensors load
+        "stream_load_s_max": max(x[4] for x in loads),  # FetchStats: safetensors header parsed into views
     }
 
 
@@ -228,19 +230,35 @@ def bench_stream(tensors: dict[str, Any], actors: Actors, server: Any, version: 
     return _timed(lambda: server.publish(version, tensors, kind), actors, nbytes)
 
 
-def sha256_floor(tensors: dict[str, Any], repeats: int = 3) -> float:
-    """Seconds for one sha256 pass over the serialized payload (median): the unit cost of every checksum."""
+def checksum_floors(tensors: dict[str, Any], chunk_size: int, repeats: int = 3) -> dict[str, float]:
+    """Seconds for one pass over the serialized payload (median of ``repeats``), one thread: sha256 (what the file
+    transport computes, at publish and in each actor), XXH3-64 per chunk (what the stream transport computes) and
+    CRC-32 per chunk (``zlib``, the stdlib alternative it was measured against)."""
     import hashlib
+    import zlib
 
+    import xxhash
     from safetensors.torch import save
 
-    blob = save(tensors)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        hashlib.sha256().update(blob)
-        times.append(time.perf_counter() - t0)
-    return _median(times)
+    view = memoryview(save(tensors))
+    passes = {
+        "sha256": lambda: hashlib.sha256().update(view),
+        "xxh3": lambda: [xxhash.xxh3_64_intdigest(view[i : i + chunk_size]) for i in range(0, len(view), chunk_size)],
+        "crc32": lambda: [zlib.crc32(view[i : i + chunk_size]) for i in range(0, len(view), chunk_size)],
+    }
+    out = {}
+    for name, fn in passes.items():
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = _median(times)
+    return out
+
+
+def _spread(xs: list[float]) -> dict[str, float]:
+    return {"median": _median(xs), "min": min(xs), "max": max(xs)}
 
 
 def _nbytes(tensors: dict[str, Any]) -> int:
@@ -262,7 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_params = sum(t.numel() for t in tensors.values())
     lora = make_lora(tensors, args.lora_rank)
     full_bytes, lora_bytes = payload_bytes(tensors), payload_bytes(lora)
-    sha256_s = sha256_floor(tensors)
+    floors = checksum_floors(tensors, int(args.chunk_mib * (1 << 20)))
     tmp = Path(tempfile.mkdtemp(prefix="editrl-bench-weights-", dir=TMP_ROOT))
     actors = Actors(args.actors, args.timeout)
     server = WeightServer(chunk_size=int(args.chunk_mib * (1 << 20)))
@@ -290,14 +308,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         actors.close()
         shutil.rmtree(tmp, ignore_errors=True)
     med = {name: {k: _median([x[k] for x in xs]) for k in xs[0]} for name, xs in runs.items()}
+    ratios = {  # per run: that run's time over the same run's raw time
+        name: [x["seconds"] / raw["seconds"] for x, raw in zip(runs[name], runs["raw"], strict=True)]
+        for name in ("file", "stream")
+    }
     return {
         "params": n_params,
         "full_bytes": full_bytes,
         "lora_bytes": lora_bytes,
         "lora_fraction": lora_bytes / full_bytes,
-        "sha256_pass_s": sha256_s,
-        "file_ratio": med["file"]["seconds"] / med["raw"]["seconds"],
-        "stream_ratio": med["stream"]["seconds"] / med["raw"]["seconds"],
+        "sha256_pass_s": floors["sha256"],
+        "xxh3_pass_s": floors["xxh3"],
+        "crc32_pass_s": floors["crc32"],
+        "file_ratio": _median(ratios["file"]),
+        "stream_ratio": _median(ratios["stream"]),
+        "ratios": {name: {**_spread(xs), "runs": xs} for name, xs in ratios.items()},
+        "seconds": {name: _spread([x["seconds"] for x in xs]) for name, xs in runs.items()},
         "median": med,
         "runs": runs,
         "config": {k: getattr(args, k) for k in ("params", "actors", "repeats", "chunk_mib", "lora_rank", "quick")},
@@ -305,32 +331,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _range(x: dict[str, float]) -> str:
+    return f"{x['median']:.3f} ({x['min']:.3f}..{x['max']:.3f})"
+
+
 def report(res: dict[str, Any], args: argparse.Namespace) -> None:
-    med, n, full = res["median"], args.actors, res["full_bytes"]
+    med, secs, n, full = res["median"], res["seconds"], args.actors, res["full_bytes"]
     print(f"\nweights bench: {res['params'] / 1e6:.1f}M float32 params ({full / MB:.1f} MB safetensors), {n} actor "
-          f"process(es), chunk {args.chunk_mib:g} MiB, median of {args.repeats}, temp dir under {TMP_ROOT}")  # fmt: skip
+          f"process(es), chunk {args.chunk_mib:g} MiB, {args.repeats} run(s) after a warm-up: median (min..max), "
+          f"temp dir under {TMP_ROOT}")  # fmt: skip
     rows = [
-        ("raw save_file + load_file (1 process)", med["raw"], full, ""),
-        (f"file publish_file -> {n} x load_published", med["file"], n * full, f"{res['file_ratio']:.2f}"),
-        (f"stream WeightServer -> {n} x fetch_stream", med["stream"], n * full, f"{res['stream_ratio']:.2f}"),
-        (f"stream LoRA-only (rank {args.lora_rank}) -> {n} actors", med["stream_lora"], n * res["lora_bytes"], ""),
+        ("raw save_file + load_file (1 process)", "raw", full),
+        (f"file publish_file -> {n} x load_published", "file", n * full),
+        (f"stream WeightServer -> {n} x fetch_stream", "stream", n * full),
+        (f"stream LoRA-only (rank {args.lora_rank}) -> {n} actors", "stream_lora", n * res["lora_bytes"]),
     ]
-    print(f"{'what':<44}{'total s':>9}{'publish s':>11}{'load s':>9}{'MB/s':>9}{'ratio':>7}")
-    for name, m, nbytes, ratio in rows:
+    print(f"{'what':<44}{'total s':>22}{'publish s':>11}{'load s':>8}{'MB/s':>7}  ratio vs raw of the same run")
+    for name, key, nbytes in rows:
+        m = med[key]
         pub = f"{m['publish_s']:.3f}" if "publish_s" in m else "-"
         load = f"{m['load_s_max']:.3f}" if "load_s_max" in m else "-"
-        print(f"{name:<44}{m['seconds']:>9.3f}{pub:>11}{load:>9}{nbytes / MB / m['seconds']:>9.0f}{ratio:>7}")
+        r = res["ratios"].get(key)
+        ratio = f"{r['median']:.2f} ({r['min']:.2f}..{r['max']:.2f})" if r else ""
+        print(f"{name:<44}{_range(secs[key]):>22}{pub:>11}{load:>8}{nbytes / MB / m['seconds']:>7.0f}  {ratio}")
     print("(publish s: learner side until the WeightsInfo exists; load s: slowest actor, announcement → tensors; "
-          "MB/s: bytes delivered to all actors / total s)")  # fmt: skip
-    raw_s, sha_s = med["raw"]["seconds"], res["sha256_pass_s"]
-    print(f"checksum floor: one sha256 pass over the payload = {sha_s:.3f} s ({sha_s / raw_s:.2f} x raw); on the "
-          f"critical path the file transport makes 2 (publish, then each actor), the stream transport 3 (publish: "
-          f"whole || chunks in 2 threads; each actor: chunks, then whole)")  # fmt: skip
+          "MB/s: bytes delivered to all actors / median total s)")  # fmt: skip
+    raw_s = med["raw"]["seconds"]
+    floor = ", ".join(f"{name} {res[key]:.3f} s ({res[key] / raw_s:.2f} x raw)"
+                      for name, key in (("sha256", "sha256_pass_s"), ("XXH3-64", "xxh3_pass_s"),
+                                        ("CRC-32", "crc32_pass_s")))  # fmt: skip
+    print(f"checksum floor, one pass over the payload in one thread: {floor}. Critical path: file = 2 sha256 passes "
+          f"(publish, then each actor); stream = 1 XXH3-64 pass at publish (fused with the copy, 2 threads) + 1 in "
+          f"each actor (as chunks arrive)")  # fmt: skip
     print(f"LoRA-only payload: {res['lora_bytes'] / MB:.2f} MB vs full {full / MB:.1f} MB = "
           f"{100 * res['lora_fraction']:.2f} %")  # fmt: skip
+    fr, sr = res["ratios"]["file"], res["ratios"]["stream"]
     print(f"\nRESULT file_ratio={res['file_ratio']:.2f} stream_ratio={res['stream_ratio']:.2f} "
-          f"(target <= {TARGET_RATIO:g}) raw_s={med['raw']['seconds']:.3f} file_s={med['file']['seconds']:.3f} "
-          f"stream_s={med['stream']['seconds']:.3f}")  # fmt: skip
+          f"(median of {args.repeats} per-run ratios, target <= {TARGET_RATIO:g}) file_ratio_range={fr['min']:.2f}.."
+          f"{fr['max']:.2f} stream_ratio_range={sr['min']:.2f}..{sr['max']:.2f} raw_s={med['raw']['seconds']:.3f} "
+          f"file_s={med['file']['seconds']:.3f} stream_s={med['stream']['seconds']:.3f}")  # fmt: skip
     print(f"RESULT lora_fraction={res['lora_fraction']:.4f} (target <= {LORA_TARGET:g}) "
           f"lora_bytes={res['lora_bytes']} full_bytes={full}")  # fmt: skip
 
@@ -342,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--params", type=float, help="float32 parameters in the state dict (default 100e6, quick 5e6)")
     p.add_argument("--actors", type=int, help="actor processes (default 2, quick 1)")
-    p.add_argument("--repeats", type=int, help="runs per figure, median reported (default 3, quick 1)")
+    p.add_argument("--repeats", type=int, help="timed runs; median and min..max reported (default 5, quick 1)")
     p.add_argument("--quick", action="store_true", help="small smoke run (a few seconds)")
     p.add_argument("--chunk-mib", type=float, default=4.0, help="stream chunk size in MiB")
     p.add_argument("--lora-rank", type=int, default=8)
@@ -351,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.params = args.params or (5e6 if args.quick else 100e6)
     args.actors = args.actors or (1 if args.quick else 2)
-    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.repeats = args.repeats or (1 if args.quick else 5)
     if args.params < 1e4 or args.actors < 1 or args.repeats < 1:
         p.error("need --params >= 1e4, --actors >= 1, --repeats >= 1")
     t0 = time.perf_counter()

@@ -1,33 +1,32 @@
 """The actor side of the stream weight transport: pull a published version from the learner's weight server.
 
 See :mod:`editrl.common.weights.stream_server` for the protocol, the server and the failure model. :func:`fetch_stream`
-keeps ``window`` chunk requests in flight, verifies every chunk and the whole blob, and returns the tensors as
-zero-copy views of the received buffer (:func:`tensors_from_buffer`); :func:`load_weights` picks the transport from
-the announced uri.
+checks the meta's checksum table against the announced digest, keeps ``window`` chunk requests in flight, checks every
+chunk's length and XXH3-64 as it arrives (one pass, on the receiving thread) and copies it into one buffer, then
+returns the tensors as zero-copy views of that buffer (:func:`tensors_from_buffer`). No sha256 pass over the payload:
+the table hashes to the announced digest, every chunk matches the table. :func:`load_weights` picks the transport
+from the announced uri.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 import zmq
 
 from editrl.common import wire
 from editrl.common.net import harden
 from editrl.common.security import HandshakeWatch, SecurityConfig, secure_client
+from editrl.common.weights import blob as _blob
 from editrl.common.weights.file import load_published
 from editrl.common.weights.stream_server import (
-    _SHA256_HEX,
     FETCH_RETRIES,
     FETCH_TIMEOUT_S,
     MAX_REPLY_META_BYTES,
@@ -38,7 +37,6 @@ from editrl.common.weights.stream_server import (
     WeightsVersionGone,
     _in,
     _log,
-    _sha256,
     _short,
     _uint,
     _unpack_map,
@@ -52,49 +50,13 @@ class FetchStopped(Exception):
     """The fetch was abandoned because the process is stopping (not a transport failure: nothing to retry)."""
 
 
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
-
-
-def tensors_from_buffer(buf: bytearray) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors blob as zero-copy views of ``buf`` (what ``safetensors.torch.load`` returns,
-    without its copy). The format is a little-endian u64 header length, a JSON header (name -> dtype, shape,
-    data_offsets) and the raw data; every entry is checked against the buffer before a view is made, so a malformed
-    blob raises WeightsStreamError instead of reading out of bounds. No pickle is involved.
-    """
-    view = memoryview(buf)
-    if len(view) < 8:
-        raise WeightsStreamError("safetensors blob shorter than its header length")
-    n = int.from_bytes(view[:8], "little")
-    if not 2 <= n <= len(view) - 8:
-        raise WeightsStreamError(f"safetensors header length {n} does not fit a {len(view)}-byte blob")
+def tensors_from_buffer(buf: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors blob as zero-copy views of ``buf`` (bounds-checked; see
+    :func:`editrl.common.weights.blob.tensors_from_buffer`). Raises WeightsStreamError for a malformed blob."""
     try:
-        header = json.loads(bytes(view[8 : 8 + n]))
-    except ValueError as exc:
-        raise WeightsStreamError(f"safetensors header is not JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise WeightsStreamError("safetensors header is not a map")
-    start, size = 8 + n, len(view) - 8 - n
-    out: dict[str, torch.Tensor] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (b, e) = _DTYPES[entry["dtype"]], list(entry["shape"]), entry["data_offsets"]
-            count = math.prod(shape)
-            ok = all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(b, int) and isinstance(e, int)
-        except (KeyError, TypeError, ValueError):
-            raise WeightsStreamError(f"safetensors entry {name!r} is malformed") from None
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if not ok or not 0 <= b <= e <= size or e - b != count * itemsize:
-            raise WeightsStreamError(f"safetensors entry {name!r}: offsets {b}..{e} do not hold {shape} {dtype}")
-        if count == 0:
-            out[name] = torch.empty(shape, dtype=dtype)
-        else:
-            out[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + b).reshape(shape)
-    return out
+        return _blob.tensors_from_buffer(buf)
+    except _blob.BlobError as exc:
+        raise WeightsStreamError(str(exc)) from None
 
 
 @dataclass
@@ -106,8 +68,8 @@ class FetchStats:
     resent_timeout: int = 0
     resent_corrupt: int = 0
     duplicates: int = 0  # late replies to requests already satisfied
-    transfer_s: float = 0.0  # meta request to last verified chunk
-    load_s: float = 0.0  # whole-blob check + safetensors load
+    transfer_s: float = 0.0  # meta request to the last chunk verified and copied into the buffer
+    load_s: float = 0.0  # safetensors header parsed into tensor views of the buffer
 
 
 @dataclass(frozen=True)
@@ -115,6 +77,7 @@ class _Meta:
     size: int
     chunk_size: int
     n_chunks: int
+    checksums: tuple[int, ...]  # XXH3-64 of every chunk, from the table that hashes to the announced digest
 
 
 def stream_endpoint(uri: str) -> str:
@@ -125,36 +88,6 @@ def stream_endpoint(uri: str) -> str:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"bad stream uri {uri!r}: expected {STREAM_SCHEME}HOST:PORT")
     return f"tcp://{host}:{port}"
-
-
-class _InOrderSha256:
-    """sha256 of the blob, fed in index order to a worker thread, so it overlaps receiving and per-chunk checks."""
-
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
-        self._pending: dict[int, memoryview] = {}
-        self._next = 0
-        self._queue: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name="editrl-weights-sha256", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        while (buf := self._queue.get()) is not None:
-            self._hash.update(buf)  # releases the GIL
-
-    def add(self, index: int, buf: memoryview) -> None:
-        self._pending[index] = buf
-        while self._next in self._pending:
-            self._queue.put(self._pending.pop(self._next))
-            self._next += 1
-
-    def hexdigest(self) -> str:
-        self.close()
-        self._thread.join()
-        return self._hash.hexdigest()
-
-    def close(self) -> None:
-        self._queue.put(None)
 
 
 class _Puller:
@@ -210,57 +143,55 @@ class _Puller:
             while (reply := self._recv(deadline)) is not None:
                 msg = reply[0]
                 if msg.get("op") == "meta" and msg.get("version") == self.info.version:
-                    return self._check_meta(msg)
+                    return self._check_meta(msg, reply[1])
                 self.stats.duplicates += 1
         raise TimeoutError(
             f"weights v{self.info.version}: no reply from the weight server {self.endpoint} after "
             f"{self.retries + 1} attempts of {self.timeout_s:g} s (is the learner running and reachable?)"
         )
 
-    def _check_meta(self, msg: dict[Any, Any]) -> _Meta:
+    def _check_meta(self, msg: dict[Any, Any], frames: list[zmq.Frame]) -> _Meta:
         try:
             size, chunk_size, n_chunks = _uint(msg, "size"), _uint(msg, "chunk_size"), _uint(msg, "n_chunks")
         except wire.WireError as exc:
             raise WeightsStreamError(f"malformed meta reply from {self.endpoint}: {exc}") from None
         if chunk_size == 0 or n_chunks != math.ceil(size / chunk_size) or chunk_size > wire.MAX_FRAME_BYTES:
             raise WeightsStreamError(f"inconsistent meta from {self.endpoint}: {size=} {chunk_size=} {n_chunks=}")
-        if msg.get("sha256") != self.info.sha256:
+        if len(frames) != 2:
+            raise WeightsStreamError(f"meta reply from {self.endpoint} has {len(frames)} frames, expected 2")
+        table = frames[1].buffer
+        try:
+            checksums = _blob.parse_checksum_table(table, n_chunks)
+        except _blob.BlobError as exc:
+            raise WeightsStreamError(f"malformed meta reply from {self.endpoint}: {exc}") from None
+        digest = _blob.manifest_digest(size, chunk_size, table)
+        if digest != self.info.sha256:
             raise WeightsStreamError(
-                f"weights v{self.info.version} at {self.endpoint} have sha256 {_short(msg.get('sha256'))}, the "
-                f"announcement says {self.info.sha256} (a restarted learner re-used the version number?)"
+                f"weights v{self.info.version} at {self.endpoint} have digest {digest}, the announcement says "
+                f"{self.info.sha256} (a restarted learner re-used the version number?)"
             )
-        return _Meta(size, chunk_size, n_chunks)
+        return _Meta(size, chunk_size, n_chunks, checksums)
 
-    def _chunk_ok(self, meta: _Meta, msg: dict[Any, Any], frames: list[zmq.Frame], index: int) -> bool:
-        expected = min(meta.chunk_size, meta.size - index * meta.chunk_size)
-        digest = msg.get("sha256")
-        if len(frames) != 2 or not isinstance(digest, str) or len(digest) != _SHA256_HEX:
-            return False
+    def _chunk(self, meta: _Meta, frames: list[zmq.Frame], index: int) -> Any:
+        """The chunk's bytes if its length and checksum match the table, else None."""
+        if len(frames) != 2:
+            return None
         buf = frames[1].buffer
-        return len(buf) == expected and _sha256(buf).hexdigest() == digest
+        expected = min(meta.chunk_size, meta.size - index * meta.chunk_size)
+        if len(buf) != expected or _blob.chunk_checksum(buf) != meta.checksums[index]:
+            return None
+        return buf
 
-    def chunks(self, meta: _Meta, window: int) -> bytes:
-        """Pull every chunk with ``window`` requests in flight; return the blob, verified against info.sha256."""
-        parts: list[zmq.Frame | None] = [None] * meta.n_chunks
+    def chunks(self, meta: _Meta, window: int) -> np.ndarray:
+        """Pull every chunk with ``window`` requests in flight into one buffer; return it once every chunk passed."""
+        blob = np.empty(meta.size, dtype=np.uint8)  # not zero-filled: each byte is written by a verified chunk
         attempts = [0] * meta.n_chunks
         in_flight: dict[int, float] = {}  # index → monotonic time sent
-        whole, next_index, done = _InOrderSha256(), 0, 0
-        try:
-            while done < meta.n_chunks:
-                next_index = self._fill(in_flight, next_index, meta.n_chunks, window)
-                done += self._step(meta, parts, attempts, in_flight, whole)
-            digest = whole.hexdigest()
-        finally:
-            whole.close()
-        if digest != self.info.sha256:
-            raise WeightsStreamError(f"weights v{self.info.version} from {self.endpoint}: whole-blob sha256 mismatch")
+        next_index, done = 0, 0
+        while done < meta.n_chunks:
+            next_index = self._fill(in_flight, next_index, meta.n_chunks, window)
+            done += self._step(meta, blob, attempts, in_flight)
         self.stats.bytes, self.stats.chunks = meta.size, meta.n_chunks
-        blob = bytearray(meta.size)  # one copy out of the ZeroMQ frames; the tensors are views of it
-        pos = 0
-        for part in parts:
-            if part is not None:
-                blob[pos : pos + len(part.buffer)] = part.buffer
-                pos += len(part.buffer)
         return blob
 
     def _fill(self, in_flight: dict[int, float], next_index: int, n_chunks: int, window: int) -> int:
@@ -270,9 +201,8 @@ class _Puller:
             next_index += 1
         return next_index
 
-    def _step(self, meta: _Meta, parts: list[zmq.Frame | None], attempts: list[int], in_flight: dict[int, float],
-              whole: _InOrderSha256) -> int:  # fmt: skip
-        """Wait for one reply (or resend what timed out); return 1 if a chunk was completed."""
+    def _step(self, meta: _Meta, blob: np.ndarray, attempts: list[int], in_flight: dict[int, float]) -> int:
+        """Wait for one reply (or resend what timed out); return 1 if a chunk was verified and stored."""
         reply = self._recv(min(in_flight.values()) + self.timeout_s)
         if reply is None:
             now = time.monotonic()
@@ -282,14 +212,15 @@ class _Puller:
         msg, frames = reply
         index = msg.get("index")
         if msg.get("op") != "chunk" or msg.get("version") != self.info.version or not _in(index, in_flight):
-            self.stats.duplicates += 1
+            self.stats.duplicates += 1  # a late reply to a request already satisfied: never written
             return 0
-        if not self._chunk_ok(meta, msg, frames, index):
+        buf = self._chunk(meta, frames, index)
+        if buf is None:
             self._resend(index, attempts, in_flight, corrupt=True)
             return 0
-        parts[index] = frames[1]
+        start = index * meta.chunk_size
+        blob[start : start + len(buf)] = np.frombuffer(buf, dtype=np.uint8)  # the frame is released after this
         del in_flight[index]
-        whole.add(index, frames[1].buffer)
         return 1
 
     def _resend(self, index: int, attempts: list[int], in_flight: dict[int, float], corrupt: bool) -> None:

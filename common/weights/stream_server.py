@@ -1,19 +1,26 @@
 """Weights back to the actors without a shared file system: the learner serves each version in chunks over ZeroMQ.
 
-Terms
-- **blob**: one published version serialized with ``safetensors.torch.save`` (bytes; never pickle). Its sha256 is
-  the ``WeightsInfo.sha256`` announced through the broker. The bytes are the ones ``publish_file`` writes for the same
-  state dict, so both transports announce the same digest.
-- **chunk**: ``blob[i * chunk_size : (i + 1) * chunk_size]``; its sha256 is computed once, at publish time.
+Terms (the bytes and checksums are built in :mod:`editrl.common.weights.blob`)
+- **blob**: one published version serialized as safetensors (the bytes ``safetensors.torch.save`` gives; never
+  pickle), written in one pass that also checksums every chunk.
+- **chunk**: ``blob[i * chunk_size : (i + 1) * chunk_size]``; its checksum (XXH3-64) is computed once, at publish.
+- **manifest digest**: sha256 of (blob size, chunk size, the table of chunk checksums). It is the ``WeightsInfo.sha256``
+  this transport announces through the broker (the file transport announces the file's own sha256 instead: the two
+  differ for the same weights, and nothing compares them).
 - **version**: the learner's weight version; strictly increasing per server (one version number, one blob).
 
-Protocol (one DEALER request → one reply; frame 0 is a MessagePack map; a request may add ``"proto": 1``)::
+Protocol 2 (one DEALER request → one reply; frame 0 is a MessagePack map; every request carries ``"proto": 2``)::
 
-    {"op": "meta", "version": v}              → {"ok": true, "op": "meta", "version", "size", "chunk_size",
-                                                 "n_chunks", "sha256", "kind"}
-    {"op": "chunk", "version": v, "index": i} → {"ok": true, "op": "chunk", "version", "index", "sha256"}
-                                                 + the chunk as a raw second frame
+    {"proto": 2, "op": "meta", "version": v}  → {"ok": true, "op": "meta", "version", "size", "chunk_size",
+                                                 "n_chunks", "kind"} + the checksum table as a raw second frame
+                                                 (n_chunks big-endian uint64)
+    {"proto": 2, "op": "chunk", "version": v, → {"ok": true, "op": "chunk", "version", "index"}
+     "index": i}                                 + the chunk as a raw second frame (sent zero-copy)
     anything else                             → {"ok": false, "error": reason, "detail": text, "versions": [held]}
+
+Protocol 1 sent a sha256 per chunk and announced the whole blob's sha256; a request with another ``proto`` (or none)
+is refused with ``bad_protocol_version``, so a learner and an actor of different releases fail with that error
+instead of with checksum failures.
 
 Guarantees and failure model
 - The server (:class:`WeightServer`, a thread in learner rank 0) keeps the last ``keep`` versions (default 2) in
@@ -24,17 +31,19 @@ Guarantees and failure model
   frame over :data:`MAX_REQUEST_BYTES` disconnects its peer (ZeroMQ ``MAXMSGSIZE``) without a reply.
 - Replies are sent without blocking: past the high-water mark a reply is dropped and counted, and the client asks
   again after ``timeout_s``. One slow actor never stalls the others.
-- :func:`~editrl.common.weights.stream_client.fetch_stream` (the actor side, in :mod:`editrl.common.weights.stream_client`) keeps ``window`` chunk requests in flight, checks each chunk's sha256 against the digest the
-  server computed at publish time and the whole blob against ``info.sha256``. A chunk that times out or fails its
-  checksum is requested again, up to ``retries`` times. It returns only a fully verified state dict, never part of
-  one: :class:`TimeoutError` (an ``OSError``) when the server does not answer, :class:`WeightsStreamError` (a
-  ``ValueError``) when it answers wrongly, :class:`~editrl.common.security.HandshakeError` for a CURVE key problem.
+- :func:`~editrl.common.weights.stream_client.fetch_stream` (the actor side, in
+  :mod:`editrl.common.weights.stream_client`) checks that the meta's checksum table hashes to the announced
+  digest, keeps ``window`` chunk requests in flight and checks each chunk's length and XXH3-64 against that table as it
+  arrives. A chunk that times out or fails its check is requested again, up to ``retries`` times. It returns only a
+  fully verified state dict, never part of one: :class:`TimeoutError` (an ``OSError``) when the server does not
+  answer, :class:`WeightsStreamError` (a ``ValueError``) when it answers wrongly,
+  :class:`~editrl.common.security.HandshakeError` for a CURVE key problem. XXH3-64 catches accidental corruption;
+  against an attacker on the network use CURVE, which authenticates every frame.
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import reprlib
 import socket
 import threading
@@ -47,11 +56,11 @@ import msgpack
 import structlog
 import torch
 import zmq
-from safetensors.torch import save as safetensors_save
 
 from editrl.common import wire
 from editrl.common.net import harden
 from editrl.common.security import SecurityConfig, ServerWatch, secure_server
+from editrl.common.weights.blob import blob_size, checksum_table, manifest_digest, serialize
 from editrl.common.weights.file import publish_file
 from editrl.common.wire import WeightsInfo
 
@@ -66,7 +75,7 @@ __all__ = [
 ]
 
 STREAM_SCHEME = "stream://"
-STREAM_PROTOCOL_VERSION = 1
+STREAM_PROTOCOL_VERSION = 2  # 2: XXH3-64 table + manifest digest (1: sha256 per chunk and of the blob)
 KINDS = ("lora", "full")
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:0"  # port 0: a free port, read back from the socket
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -78,7 +87,6 @@ FETCH_RETRIES = 3  # extra attempts per request (meta or chunk) before giving up
 MAX_REQUEST_BYTES = 4096
 MAX_REPLY_META_BYTES = 64 * 1024
 SERVER_POLL_MS = 100  # the server thread checks its stop flag at least this often
-_SHA256_HEX = 64
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 40, 40
@@ -98,30 +106,8 @@ class WeightsVersionGone(WeightsStreamError):
 
 
 def payload_bytes(state_dict: dict[str, torch.Tensor]) -> int:
-    """Size in bytes of ``state_dict`` as the transports ship it (a safetensors blob). Serializes once (~1 s/GB)."""
-    return len(_serialize(state_dict))
-
-
-def _serialize(state_dict: dict[str, torch.Tensor]) -> bytes:
-    return safetensors_save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
-
-
-def _sha256(data: Any) -> Any:
-    """A sha256 object over ``data``. ``update`` releases the GIL on large buffers; the constructor (3.11) does not."""
-    h = hashlib.sha256()
-    h.update(data)
-    return h
-
-
-def _digests(blob: bytes, chunk_size: int) -> tuple[str, tuple[str, ...]]:
-    """sha256 of the whole blob and of each chunk, in two threads."""
-    view = memoryview(blob)
-    whole = hashlib.sha256()
-    worker = threading.Thread(target=whole.update, args=(view,))
-    worker.start()
-    chunks = tuple(_sha256(view[i : i + chunk_size]).hexdigest() for i in range(0, len(view), chunk_size))
-    worker.join()
-    return whole.hexdigest(), chunks
+    """Size in bytes of ``state_dict`` as the transports ship it (a safetensors blob), without serializing it."""
+    return blob_size(state_dict)
 
 
 def _short(value: Any) -> str:
@@ -166,10 +152,12 @@ def _uint(msg: dict[Any, Any], key: str) -> int:
 class _Blob:
     version: int
     kind: str
-    data: bytes
-    sha256: str
+    data: Any  # the safetensors bytes (a uint8 numpy array, or bytes)
+    size: int
     chunk_size: int
-    chunk_sha256: tuple[str, ...]
+    n_chunks: int
+    checksum_table: bytes  # n_chunks big-endian uint64: each chunk's XXH3-64
+    digest: str  # manifest digest = the announced WeightsInfo.sha256
 
 
 _REQUEST_FIELDS = {"meta": {"op", "version"}, "chunk": {"op", "version", "index"}}
@@ -186,8 +174,9 @@ def _parse_request(frames: list[bytes]) -> tuple[str, int, int]:
         raise wire.WireError("unknown_op", f"op must be 'meta' or 'chunk', got {_short(op)}")
     if set(req) - {"proto"} != fields:
         raise wire.WireError("bad_fields", f"{op} takes {sorted(fields)}, got {sorted(_short(k) for k in req)[:6]}")
-    if "proto" in req and _uint(req, "proto") != STREAM_PROTOCOL_VERSION:
-        raise wire.WireError("bad_protocol_version", f"got {req['proto']}, speak {STREAM_PROTOCOL_VERSION}")
+    if "proto" not in req or _uint(req, "proto") != STREAM_PROTOCOL_VERSION:
+        got = _short(req["proto"]) if "proto" in req else "none"
+        raise wire.WireError("bad_protocol_version", f"got proto {got}, this server speaks {STREAM_PROTOCOL_VERSION}")
     return op, _uint(req, "version"), _uint(req, "index") if op == "chunk" else -1
 
 
@@ -260,16 +249,17 @@ class WeightServer:
         latest = self.versions()[-1:] or [-1]
         if version <= latest[0]:
             raise ValueError(f"version must increase: got {version}, latest published is {latest[0]}")
-        data = _serialize(state_dict)
-        sha256, chunk_sha256 = _digests(data, self.chunk_size)
-        blob = _Blob(version, kind, data, sha256, self.chunk_size, chunk_sha256)
+        data, checksums = serialize(state_dict, self.chunk_size)
+        table = checksum_table(checksums)
+        digest = manifest_digest(len(data), self.chunk_size, table)
+        blob = _Blob(version, kind, data, len(data), self.chunk_size, len(checksums), table, digest)
         with self._lock:
             self._blobs[version] = blob
             while len(self._blobs) > self.keep:
                 self._blobs.popitem(last=False)  # queued chunk frames keep their own reference to the bytes
         self.counters["weights_stream/published"] += 1
-        self.log.info("weights_stream_published", version=version, kind=kind, bytes=len(data), chunks=len(chunk_sha256))
-        return WeightsInfo(version=version, uri=self.uri, sha256=sha256, kind=kind)
+        self.log.info("weights_stream_published", version=version, kind=kind, bytes=blob.size, chunks=blob.n_chunks)
+        return WeightsInfo(version=version, uri=self.uri, sha256=digest, kind=kind)
 
     def versions(self) -> list[int]:
         with self._lock:
@@ -357,19 +347,17 @@ class WeightServer:
             held = list(self._blobs)
         if blob is None:
             raise wire.WireError("unknown_version", f"v{version} is not held (evicted or never published); held {held}")
-        n_chunks = len(blob.chunk_sha256)
         if op == "meta":
             self.counters["weights_stream/meta_served"] += 1
-            meta = {"ok": True, "op": "meta", "version": version, "size": len(blob.data), "kind": blob.kind,
-                    "chunk_size": blob.chunk_size, "n_chunks": n_chunks, "sha256": blob.sha256}  # fmt: skip
-            return [msgpack.packb(meta)]
-        if index >= n_chunks:
-            raise wire.WireError("bad_index", f"v{version} has chunks 0..{n_chunks - 1}, got {index}")
+            meta = {"ok": True, "op": "meta", "version": version, "size": blob.size, "kind": blob.kind,
+                    "chunk_size": blob.chunk_size, "n_chunks": blob.n_chunks}  # fmt: skip
+            return [msgpack.packb(meta), blob.checksum_table]
+        if index >= blob.n_chunks:
+            raise wire.WireError("bad_index", f"v{version} has chunks 0..{blob.n_chunks - 1}, got {index}")
         payload = self._chunk_bytes(blob, index)
         self.counters["weights_stream/chunks_served"] += 1
         self.counters["weights_stream/bytes_served"] += len(payload)
-        meta = {"ok": True, "op": "chunk", "version": version, "index": index, "sha256": blob.chunk_sha256[index]}
-        return [msgpack.packb(meta), payload]
+        return [msgpack.packb({"ok": True, "op": "chunk", "version": version, "index": index}), payload]
 
     def _chunk_bytes(self, blob: _Blob, index: int) -> memoryview:
         """The bytes of one chunk, zero-copy (tests replace this to inject corruption)."""

@@ -10,16 +10,16 @@ import math
 import os
 import threading
 import time
-import zlib
 
 import msgpack
 import pytest
 import torch
+import xxhash
 import zmq
 from safetensors.torch import save as safetensors_save
 
 from editrl.common.keys import generate_layout
-from editrl.common.weights.blob import crc_table, manifest_digest
+from editrl.common.weights.blob import checksum_table, manifest_digest
 from editrl.common.weights.file import publish_file
 from editrl.common.weights.stream_client import FetchStats, FetchStopped, fetch_stream, load_weights
 from editrl.common.weights.stream_server import (
@@ -70,10 +70,10 @@ def test_round_trip_is_bit_equal_and_keeps_dtypes(server, tmp_path):
     assert info.uri == server.uri and info.uri.startswith("stream://127.0.0.1:")
     blob = safetensors_save(sd)
     assert payload_bytes(sd) == len(blob)
-    # the announced digest is the manifest's: sha256 of (size, chunk size, CRC-32 of every safetensors chunk), so the
-    # stream carries exactly the bytes safetensors (and the file transport) writes
-    crcs = [zlib.crc32(blob[i : i + SMALL_CHUNK]) for i in range(0, len(blob), SMALL_CHUNK)]
-    assert info.sha256 == manifest_digest(len(blob), SMALL_CHUNK, crc_table(crcs))
+    # the announced digest is the manifest's: sha256 of (size, chunk size, XXH3-64 of every safetensors chunk), so
+    # the stream carries exactly the bytes safetensors (and the file transport) writes
+    sums = [xxhash.xxh3_64_intdigest(blob[i : i + SMALL_CHUNK]) for i in range(0, len(blob), SMALL_CHUNK)]
+    assert info.sha256 == manifest_digest(len(blob), SMALL_CHUNK, checksum_table(sums))
     published = publish_file(tmp_path, 1, sd, "full")
     assert (tmp_path / "v000001" / "adapter.safetensors").read_bytes() == blob and published.sha256 != info.sha256
     stats = FetchStats()
@@ -212,14 +212,14 @@ def test_chunk_damaged_on_every_attempt_fails_cleanly(server):
 
 @pytest.mark.parametrize("how", ["entry_changed", "entry_dropped"])
 def test_a_checksum_table_that_is_not_the_announced_one_is_refused(server, how):
-    """The CRC-32 table is bound to the announcement by the manifest digest: a table changed on the way (which
+    """The checksum table is bound to the announcement by the manifest digest: a table changed on the way (which
     would let matching corrupt chunks through) fails the fetch before any chunk is asked for."""
     info = server.publish(1, make_state_dict(), "full")
 
     def damage_table(msg, frames):
         if msg.get("op") != "meta":
             return frames
-        return [frames[0], _flip(frames[1]) if how == "entry_changed" else frames[1][:-4]]
+        return [frames[0], _flip(frames[1]) if how == "entry_changed" else frames[1][:-8]]
 
     proxy = WireProxy(server.endpoint, damage_table)
     try:
