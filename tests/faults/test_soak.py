@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .harness import FaultRun, read_jsonl
+from .harness import FaultRun, assert_drops, read_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -69,6 +69,7 @@ def test_chaos_soak(tmp_path, tiny_model_dir, quickstart_tasks):
         "duplicated": len(verdict.duplicated),
         "unexpected": len(verdict.unexpected),
         "recovered": len(verdict.recovered),
+        "drops": {k: verdict.counters.get(k, 0) for k in ("dropped_stale", "dropped_unscorable", "evicted")},
         "fault_log": faults,
     }
     out = Path(os.environ.get("EDITRL_SOAK_OUT", tmp_path / "result.json"))
@@ -76,4 +77,8 @@ def test_chaos_soak(tmp_path, tiny_model_dir, quickstart_tasks):
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "fault_log"}))
     assert not verdict.lost and not verdict.duplicated and not verdict.unexpected, verdict.summary()
+    assert not verdict.training_errors, verdict.training_errors[:5]  # every batch_trained record (never the learner)
+    assert not verdict.accounting_errors, verdict.accounting_errors  # the counters account for every group
+    # nothing is unscorable (metric judge, measurable instructions) or evicted (capacity 10,000); staleness is timing
+    assert_drops(verdict, stale=None, unscorable=0, evicted=0)
     assert last > first, f"reward did not improve under chaos: {first:.3f} -> {last:.3f}"
