@@ -40,15 +40,12 @@ def test_the_loss_weights_each_unit_by_the_correction_times_the_capped_lag_weigh
 def _ar_stats(model_dir: Path, correction: str, shift: float) -> tuple[dict[str, float], float]:
     """One learner step on one ar group whose sampler log-probs are the trainer's minus ``shift`` on every other
     counted token (an injected engine mismatch); returns the stats and the injected float64 max |Δ|."""
-    import torch.distributed as dist
     from PIL import Image
 
     from editrl.common.config import parse_config
     from editrl.common.families.base import load_policy, through_wire
-    from editrl.learner import update
-    from editrl.learner.engines import FSDP2Engine, is_lora_key
 
-    from ...integration.conftest import free_port
+    from .one_rank import train_one_step
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -66,16 +63,8 @@ def _ar_stats(model_dir: Path, correction: str, shift: float) -> tuple[dict[str,
     sampler[every_other] -= np.float32(shift)
     group.traj["sampler_log_probs"] = sampler
     injected = float(np.abs(np.float64(group.log_probs) - np.float64(sampler))[mask].max())
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        policy = load_policy(cfg.policy, with_pipeline=False)
-        for name, p in policy.trainable_module().named_parameters():
-            p.requires_grad_(is_lora_key(name))
-        engine = FSDP2Engine(policy.trainable_module(), policy.shard_units(), 1e-3, 0.0)
-        rewards = [np.array([1.0, 4.0, 2.0, 8.0], np.float32)]
-        return update.Updater(cfg, policy, engine).train_step([group], rewards, version=0), injected
-    finally:
-        dist.destroy_process_group()
+    rewards = [np.array([1.0, 4.0, 2.0, 8.0], np.float32)]
+    return train_one_step(cfg, [group], rewards, version=0), injected
 
 
 def test_an_injected_sampler_mismatch_is_measured_and_corrected(tiny_emu3_dir: Path) -> None:

@@ -13,15 +13,12 @@ from editrl.learner.loop import metrics_line
 
 def _train(model_dir: Path, learner: dict, rewards: list[np.ndarray], version: int) -> dict[str, float]:
     import torch
-    import torch.distributed as dist
     from PIL import Image
 
     from editrl.common.config import parse_config
     from editrl.common.families.base import load_policy, through_wire
-    from editrl.learner import update
-    from editrl.learner.engines import FSDP2Engine, is_lora_key
 
-    from ...integration.conftest import free_port
+    from .one_rank import train_one_step
 
     torch.set_num_threads(1)
     cfg = parse_config({
@@ -32,15 +29,7 @@ def _train(model_dir: Path, learner: dict, rewards: list[np.ndarray], version: i
     source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     groups = [through_wire(actor.sample("make it red", source, 4, torch.Generator().manual_seed(i)), source)
               for i in range(len(rewards))]  # fmt: skip
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        policy = load_policy(cfg.policy, with_pipeline=False)
-        for name, p in policy.trainable_module().named_parameters():
-            p.requires_grad_(is_lora_key(name))
-        engine = FSDP2Engine(policy.trainable_module(), policy.shard_units(), 1e-3, 0.0)
-        return update.Updater(cfg, policy, engine).train_step(groups, rewards, version=version)
-    finally:
-        dist.destroy_process_group()
+    return train_one_step(cfg, groups, rewards, version=version)
 
 
 def test_a_step_of_zero_variance_groups_reports_no_loss_statistics(tiny_model_dir: Path) -> None:
