@@ -105,8 +105,9 @@ def check_training(run_dir: Path) -> tuple[list[str], list[str], list[tuple[int,
         pids: list[Any] = []  # learner processes of this rank, in order
         started = False  # the current process restored its step (checkpoint_resumed) or trained
         for e in read_jsonl(path):
-            if e.get("pid") not in pids[-1:]:
-                pids.append(e.get("pid"))
+            pid = e.get("pid")  # None: a line a library logged through stdlib logging (e.g. a transformers warning)
+            if pid is not None and pid not in pids[-1:]:
+                pids.append(pid)
                 started = False
             if e["event"] == "checkpoint_resumed" or (e["event"] == "batch_trained" and not started and len(pids) > 1):
                 restored = int(e["step"]) if e["event"] == "checkpoint_resumed" else 0

@@ -38,6 +38,17 @@ def test_retraining_after_a_resume_with_the_same_groups_is_allowed(tmp_path):
     assert retrained == [(0, 3), (0, 4)] and resumes == [(0, 2)]
 
 
+def test_library_lines_without_a_pid_are_not_a_restarted_process(tmp_path):
+    """transformers logs warnings (no pid) into the same file at start-up and after a restart (seen in CI)."""
+    run = _logs(tmp_path, 0, [*BEFORE_KILL, ("r", 2), ("t", 3, ["e", "f"])])
+    path = run / "logs/learner-0.jsonl"
+    lines = path.read_text().splitlines()
+    warning = json.dumps({"event": "`CLIPImageProcessor` requires torchvision", "level": "warning"})
+    path.write_text("\n".join([warning, *lines[:4], warning, *lines[4:]]) + "\n")
+    duplicated, errors, retrained, resumes = check_training(run)
+    assert (duplicated, errors, retrained, resumes) == ([], [], [(0, 3)], [(0, 2)])
+
+
 def test_a_restart_without_checkpoint_restores_step_0(tmp_path):
     run = _logs(tmp_path, 0, [("t", 1, ["a", "b"]), ("t", 2, ["c", "d"]), ("p",), ("t", 1, ["b", "a"])])
     duplicated, errors, retrained, resumes = check_training(run)
