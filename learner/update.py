@@ -198,6 +198,7 @@ class Updater:
             return stats
         keys = sorted(set(_STEP_KEYS) | {k for k in stats if k.startswith("learner/staleness_")})
         present = torch.tensor([k in stats for k in keys], dtype=torch.float64)
+        # an absent key adds 0 to the sum AND 0 to its count; a key no rank measured (count 0) stays absent below
         values = torch.tensor([stats.get(k, 0.0) for k in keys], dtype=torch.float64)
         maxes = torch.tensor([stats.get(k, -math.inf) for k in keys], dtype=torch.float64)
         packed = torch.stack([values, present])
