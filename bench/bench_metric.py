@@ -20,30 +20,9 @@ import time
 import numpy as np
 from PIL import Image
 
-from editrl.common.procedural import QUICKSTART_INSTRUCTIONS, draw_source_image, intended_edit
+from editrl.common.procedural import QUICKSTART_INSTRUCTIONS, draw_source_image, reward_cases
 from editrl.scorer.backend import ScoreRequest
 from editrl.scorer.metric import MetricBackend
-
-_FLAT = {"make it red": (230, 30, 30), "make it blue": (30, 30, 230), "make it green": (30, 230, 30)}
-
-
-def cases(src: np.ndarray, instruction: str, seed: int) -> dict[str, np.ndarray]:
-    intended = intended_edit(src, instruction)
-    rng = np.random.default_rng(seed)
-    flat = _FLAT.get(instruction, (10, 10, 10) if "darker" in instruction else (0, 255, 255))
-    return {
-        "identity (unchanged)": src,
-        "intended edit": intended,
-        "flat target colour": np.broadcast_to(np.array(flat, dtype=np.uint8), src.shape),
-        "flat mean colour of the intended edit": np.broadcast_to(
-            intended.reshape(-1, 3).mean(0).astype(np.uint8), src.shape
-        ),
-        "uniform noise": rng.integers(0, 256, src.shape, dtype=np.uint8),
-        "intended + heavy noise (sigma 40/255)": np.clip(intended + rng.normal(0, 40, src.shape), 0, 255).astype(
-            np.uint8
-        ),
-        "faint wash (90 % target colour)": (0.9 * np.array(flat) + 0.1 * src).astype(np.uint8),
-    }
 
 
 def table(n_sources: int) -> dict[str, dict[str, dict[str, float]]]:
@@ -54,7 +33,7 @@ def table(n_sources: int) -> dict[str, dict[str, dict[str, float]]]:
         for index in range(n_sources):
             src = draw_source_image(np.random.default_rng([0, index]), 64)
             for instruction in QUICKSTART_INSTRUCTIONS:
-                named = cases(src, instruction, index)
+                named = reward_cases(src, instruction, index)
                 request = ScoreRequest(
                     "g", instruction, "x", Image.fromarray(src), [Image.fromarray(e) for e in named.values()]
                 )

@@ -10,6 +10,9 @@
   Default strength 0.55. It serves as the flow-matching target of the trained tiny editor
   (:mod:`editrl.common.families.tiny.train_editor`) and as the "intended edit" row of the metric's table
   (docs/JUDGES.md); the metric itself never calls it (it scores any edit from the instruction alone).
+- ``reward_cases(rgb, instruction, seed)``: that table's rows -- the identity edit, the intended edit and the edits a
+  policy could try to game a reward with (flat colours, noise, heavy artifacts, a faint wash), for the metric's
+  ordering test and ``bench.bench_metric``.
 """
 
 from __future__ import annotations
@@ -73,3 +76,27 @@ def intended_edit(rgb: np.ndarray, instruction: str, strength: float = DEFAULT_S
     else:
         out = 1.0 - (1.0 - strength) * (1.0 - x)
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+
+_FLAT_TARGETS = {"make it red": (230, 30, 30), "make it blue": (30, 30, 230), "make it green": (30, 230, 30),
+                 "make it darker": (10, 10, 10), "make it brighter": (0, 255, 255)}  # fmt: skip
+
+
+def reward_cases(rgb: np.ndarray, instruction: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Named uint8 edits of ``rgb`` for ``instruction`` (see the module docstring); noise drawn from ``seed``."""
+    intended = intended_edit(rgb, instruction)
+    rng = np.random.default_rng(seed)
+    flat = _FLAT_TARGETS[instruction]
+    return {
+        "identity (unchanged)": rgb,
+        "intended edit": intended,
+        "flat target colour": np.broadcast_to(np.array(flat, dtype=np.uint8), rgb.shape),
+        "flat mean colour of the intended edit": np.broadcast_to(
+            intended.reshape(-1, 3).mean(0).astype(np.uint8), rgb.shape
+        ),
+        "uniform noise": rng.integers(0, 256, rgb.shape, dtype=np.uint8),
+        "intended + heavy noise (sigma 40/255)": np.clip(intended + rng.normal(0, 40, rgb.shape), 0, 255).astype(
+            np.uint8
+        ),
+        "faint wash (90 % target colour)": (0.9 * np.array(flat) + 0.1 * rgb).astype(np.uint8),
+    }
