@@ -27,7 +27,7 @@ class Actor:
         self.policy = load_policy(cfg.policy, with_pipeline=True)
         log.info("policy_loaded", model=cfg.policy.model, seconds=round(time.monotonic() - t0, 2))
         self.client = BrokerClient(
-            self.ctx, cfg.broker.endpoint, self.actor_id, cfg.timers.request_timeout_s, security=cfg.security
+            self.ctx, cfg.broker.endpoint, self.actor_id, cfg.timers.request_timeout_s, cfg.security, role="actor"
         )
         self.version = 0
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + actor_id)

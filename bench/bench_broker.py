@@ -10,8 +10,10 @@ Run from the repo root::
    ``ReplayStore`` in a temp dir, calling ``run``). This process plays three DEALER peers in one poll loop: an actor
    that keeps ``--window`` RolloutGroups (``latents`` ≈ ``--payload-kib``) in flight and matches Acks by request_id,
    a scorer that answers every ScoreJob at once with a valid ScoreResult, and a learner that pulls with
-   SampleRequest(max_groups=8) until it holds all groups. Groups are sent with fake lease ids: admission control only
-   governs LeaseRequest. Throughput = latents MiB delivered to the learner / wall time from first send to last group
+   SampleRequest(max_groups=8) until it holds all groups. The broker child grants one lease per group in LMDB before
+   it starts (as a broker restarted with that many open leases would hold them), so the actor skips LeaseRequest
+   (admission control governs only that) but every group still claims its lease at ingest; the images are PNG headers
+   (all the broker reads of them) padded to ``PNG_BYTES``. Throughput = latents MiB delivered to the learner / wall time from first send to last group
    received. Baseline: raw ZeroMQ PUSH/PULL (tcp, ``copy=False``) from a child process moving as many messages of
    the same size. Ratio = broker / raw.
 2. **replay**: ``ReplayStore.insert_groups`` in batches of ``--insert-batch`` records (the way the broker batches one
@@ -32,10 +34,12 @@ import os
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +69,18 @@ def make_group(payload_kib: int, index: int = 0, rng_seed: int = 0) -> wire.Roll
     return wire.RolloutGroup(
         request_id=f"req-{index}", group_id=f"g-{index}", lease_id=f"fake-lease-{index}", task_id="t0",
         actor_id="bench-actor", policy_version=0, instruction="make it red", task_type="color_alter",
-        source_png=rng.bytes(PNG_BYTES), edit_pngs=[rng.bytes(PNG_BYTES) for _ in range(GROUP_SIZE)],
+        source_png=_fake_png(rng), edit_pngs=[_fake_png(rng) for _ in range(GROUP_SIZE)],
         family="flow", traj={"latents": latents}, log_probs=np.zeros((GROUP_SIZE, 3), np.float32),
         cond={"txt": np.ones((8, 16), np.float32), "sigmas": np.linspace(1.0, 0.0, 4, dtype=np.float32)},
         params={"noise_level": 0.7, "guidance": 2.5},
     )  # fmt: skip
+
+
+def _fake_png(rng: np.random.Generator, side: int = 64) -> bytes:
+    """``PNG_BYTES`` bytes: a real PNG signature and IHDR chunk (``side`` x ``side``), then random bytes."""
+    ihdr = struct.pack(">II5B", side, side, 8, 2, 0, 0, 0)
+    head = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return head + rng.bytes(PNG_BYTES - len(head))
 
 
 def _median(xs: list[float]) -> float:
@@ -112,6 +123,8 @@ def serve_broker(data_dir: str, capacity: int, map_size: int, profile_path: str)
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
     ctx = zmq.Context()
     store = ReplayStore(data_dir, capacity=capacity, map_size_bytes=map_size)
+    store.commit_turn(lease_puts=[(f"fake-lease-{i}", {"task_index": 0, "actor_id": "bench-actor",
+                                                        "request_id": f"pre-{i}"}) for i in range(capacity)])  # fmt: skip
     tasks = [Task("t0", "make it red", ("/nonexistent/0.png",), "color_alter")]
     broker = Broker("tcp://127.0.0.1:0", store, tasks, groups_per_step=8, max_staleness=1,
                     log=structlog.get_logger(), ctx=ctx)  # fmt: skip

@@ -11,6 +11,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _, cfg, log = start_role("broker", role_parser("broker", __doc__, with_id=False), argv)
 
+    from editrl.broker.admission import GroupRules
     from editrl.broker.server import Broker
     from editrl.broker.store import ReplayStore
     from editrl.common.tasks import TaskFileError, load_tasks
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         security=cfg.security,
         scorer_liveness_s=cfg.timers.scorer_liveness_s,
         storage_retry_s=cfg.timers.storage_retry_s,
+        rules=GroupRules.from_config(cfg),
+        max_job_attempts=cfg.broker.max_job_attempts,
+        learner_ranks=cfg.learner.nproc,
     )
     should_stop = stop_flag()
     # Past a file-size limit the kernel sends SIGXFSZ, whose default action kills the process. Ignored, the write

@@ -4,9 +4,13 @@ Failure model
 - A scorer silent for ``liveness_s`` (``timers.scorer_liveness_s``) is dead; its jobs are requeued. A scorer that re-announces itself from a
   new socket (a restarted process with the same worker id) has its predecessor's jobs requeued at once.
 - A job past its deadline is late (the scorer heartbeats but is stuck): the group is requeued; the late job keeps
-  its slot until the scorer answers or dies, and every further deadline it stays unanswered is another miss. After
-  ``QUARANTINE_AFTER_MISSES`` misses a scorer gets no more jobs (never the last live one); an on-time result or a
-  restart clears it.
+  its slot until the scorer answers or dies. The miss is charged to the scorer only once another scorer completes
+  that group (then it was the scorer, not the job), and so is every further deadline the late job stays unanswered.
+  After ``QUARANTINE_AFTER_MISSES`` charged misses a scorer gets no more jobs (never the last live one); an on-time
+  result or a restart clears it.
+- Poison: every failed attempt at a group's job (deadline, the scorer died or restarted holding it) counts; at
+  ``max_job_attempts`` the group is quarantined (:meth:`ScorerPool.take_poisoned`, committed by the broker's next
+  turn), never requeued again. A job a scorer cannot score comes back unscored (the scorer never stays silent).
 - A result must match its job (group and worker) and carry one score per edit; otherwise it raises WireError and
   the broker counts it as rejected. A result for a group no longer pending is a counted duplicate.
 - An edit that could not be scored makes the group requeue once, then drop (counted): scores are never invented.
@@ -38,7 +42,7 @@ class Worker:
     capacity: int
     last_seen: float
     jobs: set[str] = field(default_factory=set)
-    misses: int = 0  # deadlines missed
+    misses: int = 0  # deadlines missed (charged: another scorer completed the group)
     expired: dict[str, float] = field(default_factory=dict)  # late job id → when it counts as missed again
     quarantined: bool = False
 
@@ -58,10 +62,15 @@ def job_payload(g: wire.RolloutGroup) -> JobPayload:
 class ScorerPool:
     def __init__(
         self, store: ReplayStore, log: Any, gauges: collections.Counter, send: Any, score_deadline_s: float,
-        liveness_s: float = wire.SCORER_LIVENESS_S,
+        liveness_s: float = wire.SCORER_LIVENESS_S, max_job_attempts: int = 3,
     ) -> None:  # fmt: skip
         self.store, self.log, self.gauges, self.send = store, log, gauges, send
-        self.score_deadline_s, self.liveness_s = score_deadline_s, liveness_s
+        self.score_deadline_s, self.liveness_s, self.max_job_attempts = score_deadline_s, liveness_s, max_job_attempts
+        self.attempts: collections.Counter[str] = collections.Counter()  # failed job attempts per group
+        self.missed_by: dict[str, set[str]] = {}  # group → scorers whose job on it went past its deadline
+        self.late_groups: dict[str, str] = {}  # late job id → its group
+        self.completed_late: set[str] = set()  # groups some scorer completed while another's late job is unanswered
+        self.poisoned: list[tuple[str, str]] = []  # (group, reason) to quarantine in the broker's next turn
         self.workers: dict[str, Worker] = {}
         self.jobs: dict[str, Job] = {}
         self.requeues: collections.Counter[str] = collections.Counter()
@@ -107,6 +116,7 @@ class ScorerPool:
             self.log.warning("scorer_restarted", worker_id=msg.worker_id, jobs=len(worker.jobs))
             for job_id in list(worker.jobs):
                 self._requeue(job_id, "worker_restarted")
+                self._drop_late(job_id)
             worker.identity, worker.jobs, worker.misses, worker.quarantined = identity, set(), 0, False
             worker.expired.clear()
         worker.last_seen = time.monotonic()
@@ -125,6 +135,8 @@ class ScorerPool:
             raise wire.WireError("result_size", f"{msg.group_id}: {len(msg.overall)} scores for {size} edits")
         on_time = self.jobs.pop(msg.job_id, None) is not None
         self._release(msg, on_time)
+        if on_time:
+            self._completed(msg.group_id, msg.worker_id)
         if msg.group_id in self.checks:
             self._answer_check(msg)
             return
@@ -146,6 +158,30 @@ class ScorerPool:
         )
         self.send(identity, reply)
 
+    def _completed(self, group_id: str, worker_id: str) -> None:
+        """``worker_id`` answered ``group_id`` in time: every other scorer that let a job on it expire is charged."""
+        for other in self.missed_by.pop(group_id, ()):
+            worker = self.workers.get(other)
+            if other != worker_id and worker is not None:
+                self._missed(worker)
+        if group_id in self.late_groups.values():
+            self.completed_late.add(group_id)
+
+    def take_poisoned(self) -> list[tuple[str, str, None]]:
+        """Groups to quarantine (their job failed ``max_job_attempts`` times), for the broker's next turn."""
+        out = [(g, reason, None) for g, reason in self.poisoned]
+        self.poisoned.clear()
+        return out
+
+    def forget(self, group_id: str) -> None:
+        """``group_id`` left scoring for good (quarantined): nothing of it stays queued or counted."""
+        self.payloads.pop(group_id, None)
+        self.requeues.pop(group_id, None)
+        self.attempts.pop(group_id, None)
+        self.missed_by.pop(group_id, None)
+        if group_id in self.queue:
+            self.queue.remove(group_id)
+
     def _release(self, msg: wire.ScoreResult, on_time: bool) -> None:
         """The worker that answered gets its slot back (and its record cleared if it was on time)."""
         worker = self.workers.get(msg.worker_id)
@@ -155,6 +191,7 @@ class ScorerPool:
             worker.expired.pop(msg.job_id, None)
             if on_time:
                 worker.misses, worker.quarantined = 0, False
+        self._drop_late(msg.job_id)
 
     def after_scores(self, turn: TurnLike, scored: list[bool], dropped: list[bool]) -> None:
         for (group_id, _, _), ok in zip(turn.scored, scored, strict=True):
@@ -194,6 +231,7 @@ class ScorerPool:
                 self.log.warning("scorer_dead", worker_id=worker_id, jobs=len(worker.jobs))
                 for job_id in list(worker.jobs):
                     self._requeue(job_id, "worker_dead")
+                    self._drop_late(job_id)
         for job_id, job in list(self.jobs.items()):
             if job.deadline < now:
                 worker = self.workers.get(job.worker_id)
@@ -201,13 +239,20 @@ class ScorerPool:
                 # second job to miss as well); every further deadline it stays unanswered counts as another miss.
                 if worker is not None:
                     worker.expired[job_id] = now + self.score_deadline_s
-                    self._missed(worker)
+                    self.late_groups[job_id] = job.group_id
+                self.missed_by.setdefault(job.group_id, set()).add(job.worker_id)
                 self._requeue(job_id, "deadline")
         for worker in self.workers.values():
             for job_id, again in list(worker.expired.items()):
                 if again < now:
                     worker.expired[job_id] = now + self.score_deadline_s
-                    self._missed(worker)
+                    if self.late_groups.get(job_id) in self.completed_late:  # others finish it: this scorer is stuck
+                        self._missed(worker)
+
+    def _drop_late(self, job_id: str) -> None:
+        group_id = self.late_groups.pop(job_id, None)
+        if group_id is not None and group_id not in self.late_groups.values():
+            self.completed_late.discard(group_id)
 
     def _missed(self, worker: Worker) -> None:
         worker.misses += 1
@@ -219,10 +264,22 @@ class ScorerPool:
 
     def _requeue(self, job_id: str, reason: str) -> None:
         job = self.jobs.pop(job_id, None)
-        if job is not None:
-            self.gauges[f"requeued/{reason}"] += 1
-            self.log.warning("score_requeued", group_id=job.group_id, reason=reason, worker_id=job.worker_id)
-            self.queue.appendleft(job.group_id)
+        if job is None:
+            return
+        self.attempts[job.group_id] += 1
+        if self.attempts[job.group_id] >= self.max_job_attempts:  # poison: on whichever scorers, it never completes
+            self.gauges["jobs_poisoned"] += 1
+            why = f"score job failed {self.attempts[job.group_id]} times (last: {reason} on {job.worker_id})"
+            self.log.error("score_job_poisoned", group_id=job.group_id, reason=why)
+            if job.group_id in self.checks:  # a transient check: nothing stored to quarantine, the client times out
+                self.checks.pop(job.group_id, None)
+                self.forget(job.group_id)
+            else:
+                self.poisoned.append((job.group_id, why))
+            return
+        self.gauges[f"requeued/{reason}"] += 1
+        self.log.warning("score_requeued", group_id=job.group_id, reason=reason, worker_id=job.worker_id)
+        self.queue.appendleft(job.group_id)
 
     def dispatch(self) -> None:
         """Round-robin, one job per worker per pass, so every live scorer gets work (and a stuck one is found)."""

@@ -7,8 +7,18 @@ infinite poll.
 Failure model
 - A message that does not decode is rejected, counted by reason in ``rejected/<reason>`` and logged once per reason;
   the broker stays up and serves the next message.
+- Roles: every message type is accepted only from the role that owns it (actor: lease, group, skip; scorer: ready,
+  heartbeat, result; learner: sample, publish, reject; tool: check; status from anyone), the role being what the
+  ZAP handshake authenticated (:func:`editrl.common.security.peer_role`: a CURVE key or the run's role secret).
+  Anything else is refused (``rejected/role_forbidden``) and answered ``Ack(ok=False)``.
 - A RolloutGroup is acknowledged only after its LMDB commit; a resent group (same ``group_id``) is acknowledged
-  again and stored once.
+  again and stored once. A new group must claim a lease this broker issued to that actor for that task
+  (:mod:`editrl.broker.leases`) and pass :class:`~editrl.broker.admission.GroupRules` (G, version, family, text
+  sizes, PNG headers); otherwise ``Ack(ok=False, "rejected: <reason>: ...")``, counted ``rejected/<reason>``.
+- Poison: a group whose score job failed ``max_job_attempts`` times is quarantined, as is one a learner's family
+  check refused (``RejectGroups``); quarantined groups give their admission slot back.
+- Weights: a ``PublishWeights`` must be the next version (latest + 1) at the run's weights directory or the
+  learner's stream endpoint (:meth:`GroupRules.check_publish`); a resend of the latest is acknowledged again.
 - Scorers (liveness, deadlines, quarantine, fair dispatch, result checks): see :mod:`editrl.broker.scorers`.
 - Admission control (flow control lives in the application): a lease is granted only while
   ``ingested + running < (η + v + 1)·B + dropped`` — AReaL's rule, with v the learner step of the latest published
@@ -30,16 +40,32 @@ from typing import Any
 import lmdb
 import zmq
 
+from editrl.broker.admission import GroupRules, Refused
+from editrl.broker.leases import Grant, LeaseBook
 from editrl.broker.processes import ProcessTable
 from editrl.broker.scorers import ScorerPool, job_payload
 from editrl.broker.store import ReplayStore, Sampled, SampleSpec
 from editrl.common import codec, wire
-from editrl.common.net import harden, new_id
+from editrl.common.net import harden
+from editrl.common.roles import peer_role
 from editrl.common.security import SecurityConfig, ServerWatch, secure_server
 from editrl.common.tasks import Task
 
 DRAIN_BATCH = 256  # messages handled per loop turn before committing
-MAX_REMEMBERED_REQUESTS = 10_000
+ANYONE = frozenset({"actor", "scorer", "learner", "tool"})
+ROLES: dict[type, frozenset[str]] = {  # who may send what (a peer without an authenticated role: role auth is off)
+    wire.LeaseRequest: frozenset({"actor"}),
+    wire.RolloutGroup: frozenset({"actor"}),
+    wire.SkipTask: frozenset({"actor"}),
+    wire.ScorerReady: frozenset({"scorer"}),
+    wire.Heartbeat: frozenset({"scorer"}),
+    wire.ScoreResult: frozenset({"scorer"}),
+    wire.SampleRequest: frozenset({"learner"}),
+    wire.PublishWeights: frozenset({"learner"}),
+    wire.RejectGroups: frozenset({"learner"}),
+    wire.CheckGroup: frozenset({"tool"}),
+    wire.StatusRequest: ANYONE,
+}
 
 
 @dataclass
@@ -52,31 +78,16 @@ class Turn:
     unscorable: list[tuple[str, str]] = field(default_factory=list)
     samples: list[tuple[bytes, wire.SampleRequest]] = field(default_factory=list)
     leases: list[tuple[bytes, wire.LeaseRequest]] = field(default_factory=list)
-    released: list[str] = field(default_factory=list)  # lease ids to delete (group arrived, task skipped)
+    released: list[tuple[str, str]] = field(default_factory=list)  # (lease id, why) to close
     skips: list[tuple[bytes, wire.SkipTask]] = field(default_factory=list)  # answered after the commit
+    quarantine: list[tuple[str, str, tuple[int, int] | None]] = field(default_factory=list)  # (group, why, batch)
+    rejects: list[tuple[bytes, wire.RejectGroups]] = field(default_factory=list)  # answered after the commit
 
     def has_writes(self) -> bool:
         return bool(
             self.groups or self.scored or self.unscorable or self.samples or self.leases or self.released or self.skips
-        )
-
-
-@dataclass
-class Grant:
-    """A lease decided this turn, made durable by the turn's commit before it is sent."""
-
-    identity: bytes
-    request: wire.LeaseRequest
-    lease_id: str
-    task_index: int
-    replaces: str  # the expired lease whose task this re-issues ("" for a fresh task)
-
-
-@dataclass
-class LeaseEntry:
-    task_index: int
-    actor_id: str
-    deadline: float
+            or self.quarantine
+        )  # fmt: skip
 
 
 def _peer_host(frame: Any) -> str:
@@ -115,6 +126,9 @@ class Broker:
         security: SecurityConfig | None = None,
         scorer_liveness_s: float = wire.SCORER_LIVENESS_S,
         storage_retry_s: float = wire.STORAGE_RETRY_S,
+        rules: GroupRules | None = None,
+        max_job_attempts: int = 3,
+        learner_ranks: int | None = None,
     ) -> None:
         if not tasks:
             raise ValueError("the task list is empty")
@@ -122,31 +136,27 @@ class Broker:
         self.groups_per_step, self.max_staleness = groups_per_step, max_staleness
         self.lease_timeout_s, self.score_deadline_s = lease_timeout_s, score_deadline_s
         self.storage_retry_s = storage_retry_s
+        self.rules = rules or GroupRules()
+        self.learner_ranks = learner_ranks  # SampleRequest ranks must be in 0..this-1 (None: not checked)
         self.ctx = ctx or zmq.Context()
         self.sock = harden(self.ctx.socket(zmq.ROUTER), hwm=10000)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted scorer reusing its id takes over the route
-        self.auth = secure_server(self.sock, self.ctx, security or SecurityConfig())  # CURVE + ZAP allowlist, or None
+        security = security or SecurityConfig()
+        self.auth = secure_server(self.sock, self.ctx, security)  # CURVE or PLAIN role secrets + ZAP, or None
+        self.roles_enforced = security.roles_enforced  # then a message without an authenticated role is refused
         self.server_watch = ServerWatch(self.sock, self.auth)
         self.sock.bind(endpoint)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         store.on_resize = lambda size: self.log.warning("replay_map_resized", map_size_bytes=size)
-        now = time.monotonic()
-        self.leases: dict[str, LeaseEntry] = {
-            lid: LeaseEntry(info["task_index"], info["actor_id"], now + lease_timeout_s)
-            for lid, info in store.leases().items()
-        }
-        self.lease_requests: collections.OrderedDict[str, str] = collections.OrderedDict(
-            (info["request_id"], lid) for lid, info in store.leases().items() if "request_id" in info
-        )  # request_id → lease_id, so a resent LeaseRequest gets its lease again
-        self.retry_tasks: collections.deque[tuple[str, int]] = collections.deque()  # (expired lease id, task index)
-        self.cursor: int = store.get_meta("task_cursor", 0)  # advanced when leases are planned
-        self.committed_cursor: int = self.cursor  # as in LMDB
+        self.gauges: collections.Counter[str] = collections.Counter()  # process-lifetime counters (not durable)
+        self.leases = LeaseBook(store, tasks, lease_timeout_s, log, self.gauges)
         self.weights: dict[str, Any] = store.get_meta("weights") or wire.weights_dict(
             wire.WeightsInfo(version=0, uri="", sha256="", kind="lora")
         )
-        self.gauges: collections.Counter[str] = collections.Counter()  # process-lifetime counters (not durable)
-        self.scorers = ScorerPool(store, log, self.gauges, self._send, score_deadline_s, scorer_liveness_s)
+        self.scorers = ScorerPool(
+            store, log, self.gauges, self._send, score_deadline_s, scorer_liveness_s, max_job_attempts
+        )
         self.processes = ProcessTable()  # for `editrl status`: who talks to us, how often, how idle
         self.durable: dict[str, int] = store.counters()  # the LMDB counters as of the last commit
         self.learner_step: int = store.get_meta("learner_step") or 0  # learner step of the latest published weights
@@ -158,7 +168,7 @@ class Broker:
             endpoint=self.endpoint,
             pending=len(self.scorers.queue),
             leases=len(self.leases),
-            task_cursor=self.cursor,
+            task_cursor=self.leases.cursor,
             weights=self.weights["version"],
         )
 
@@ -173,7 +183,11 @@ class Broker:
 
         Replies that depend on durable state (acks, leases, batches) are sent only after the commit.
         """
-        turn = Turn(scored=self.carry.scored, unscorable=self.carry.unscorable, released=self.carry.released)
+        carry = self.carry
+        turn = Turn(
+            scored=carry.scored, unscorable=carry.unscorable, released=carry.released, quarantine=carry.quarantine
+        )
+        turn.quarantine += self.scorers.take_poisoned()
         self.carry = Turn()
         if self.sock.poll(timeout_ms if not turn.has_writes() or not self.storage_ok else 0):
             while turn.size < DRAIN_BATCH:
@@ -189,16 +203,21 @@ class Broker:
                     continue
                 turn.size += 1
                 self.processes.seen(msg, _peer_host(payload[0]))
+                role = peer_role(payload[0])
                 try:
+                    if (role or self.roles_enforced) and role not in ROLES.get(type(msg), ()):
+                        raise Refused("role_forbidden", f"{type(msg).__name__} from a {role or 'peer without a role'}")
                     self._classify(identity, msg, turn)
                 except wire.WireError as exc:  # valid framing, invalid content (e.g. a bad weights map)
                     self._reject(identity, exc)
+                except Refused as exc:  # well-formed, but not something this peer may have
+                    self._refuse(identity, msg, exc)
         if turn.has_writes():
             self._commit(turn)
         self._check_handshakes()
         self.scorers.check()
         self.scorers.dispatch()
-        self._expire_leases()
+        self.leases.expire()
 
     def _classify(self, identity: bytes, msg: Any, turn: Turn) -> None:
         if isinstance(msg, wire.RolloutGroup):
@@ -206,13 +225,21 @@ class Broker:
         elif isinstance(msg, wire.ScoreResult):
             self.scorers.on_result(msg, turn)
         elif isinstance(msg, wire.SampleRequest):
+            if self.learner_ranks is not None and not 0 <= msg.rank < self.learner_ranks:
+                raise Refused("bad_rank", f"rank {msg.rank}, the learner has {self.learner_ranks}")
             turn.samples.append((identity, msg))
+        elif isinstance(msg, wire.RejectGroups):
+            if len(msg.group_ids) != len(msg.reasons):
+                raise Refused("bad_reject", f"{len(msg.group_ids)} groups, {len(msg.reasons)} reasons")
+            turn.rejects.append((identity, msg))
+            pairs = zip(msg.group_ids, msg.reasons, strict=True)
+            turn.quarantine += [(g, f"learner: {r}", (msg.rank, msg.step)) for g, r in pairs]
         elif isinstance(msg, wire.CheckGroup):
             self.scorers.add_check(identity, msg)
         elif isinstance(msg, wire.LeaseRequest):
-            lease_id = self.lease_requests.get(msg.request_id)
-            if lease_id in self.leases:  # a resend (lost reply, broker restart): the same lease again, not a second
-                self._send_lease(identity, msg, lease_id, self.leases[lease_id].task_index)
+            resent = self.leases.resent(msg)
+            if resent is not None:  # a resend (lost reply, broker restart): the same lease again, not a second
+                self._send(identity, self.leases.message(msg, *resent, self.weights))
             elif self.storage_ok and self.admission_open(extra=len(turn.leases)):
                 turn.leases.append((identity, msg))
             else:
@@ -233,7 +260,29 @@ class Broker:
         else:
             self._reject(identity, wire.WireError("unexpected_type", type(msg).__name__))
 
+    def _admit(self, turn: Turn) -> None:
+        """Refuse the new groups of ``turn`` that no learner could train (a resend of a stored group is a duplicate,
+        acknowledged as such, before any check: its first copy passed them)."""
+        accepted, claimed = [], {}  # claimed: lease id → group id, within this turn
+        for identity, g in turn.groups:
+            if g.group_id not in claimed.values() and self.store.get_status(g.group_id) is None:
+                try:
+                    self.leases.claim(g, claimed)
+                except Refused as exc:
+                    self._refuse(identity, g, exc)
+                    continue
+                try:
+                    self.rules.check_group(g, int(self.weights["version"]))
+                except Refused as exc:  # the lease was this actor's: closed, its slot given back
+                    self._refuse(identity, g, exc)
+                    turn.released.append((g.lease_id, f"rejected:{exc.reason}"))
+                    self.leases.closed_by_group(g.lease_id)
+                    continue
+            accepted.append((identity, g))
+        turn.groups = accepted
+
     def _commit(self, turn: Turn) -> None:
+        self._admit(turn)
         inserts, accepted = [], []
         for identity, g in turn.groups:
             record = codec.encode_record(codec.encode(g))
@@ -245,8 +294,12 @@ class Broker:
             inserts.append((g.group_id, record, _group_info(g)))
             accepted.append((identity, g))
         turn.groups = accepted
-        grants = self._plan_leases(turn)
-        released = [*turn.released, *(g.lease_id for _, g in turn.groups), *(g.replaces for g in grants if g.replaces)]
+        grants = self.leases.plan(turn.leases)
+        released = [
+            *turn.released,
+            *((g.lease_id, f"used:{g.group_id}") for _, g in turn.groups),
+            *((g.replaces, "expired") for g in grants if g.replaces),
+        ]
         try:
             result = self.store.commit_turn(
                 inserts=inserts,
@@ -256,7 +309,7 @@ class Broker:
                     SampleSpec(m.rank, m.step, max(0, m.offset), max(0, m.max_groups), m.min_version)
                     for _, m in turn.samples
                 ],
-                task_cursor=self.cursor if self.cursor != self.committed_cursor else None,
+                task_cursor=self.leases.cursor if self.leases.cursor != self.leases.committed_cursor else None,
                 lease_puts=[
                     (
                         g.lease_id,
@@ -268,7 +321,8 @@ class Broker:
                     )
                     for g in grants
                 ],
-                lease_deletes=released,
+                lease_closes=released,
+                quarantine=turn.quarantine,
             )  # committed (fsync) before any reply below
         except lmdb.Error as exc:
             self._commit_failed(turn, grants, exc)
@@ -277,10 +331,11 @@ class Broker:
             self.storage_ok = True
             self.log.warning("storage_recovered")
         self.durable = result.counters
-        self.committed_cursor = self.cursor
+        self.leases.committed_cursor = self.leases.cursor
         self._answer_groups(turn, result.inserted)
         self._answer_skips(turn)
         self.scorers.after_scores(turn, result.scored, result.dropped)
+        self._answer_quarantine(turn, result.quarantined)
         for (identity, req), (taken, stale) in zip(turn.samples, result.samples, strict=True):
             if stale:
                 self.log.info("groups_dropped_stale", count=stale, min_version=req.min_version)
@@ -290,7 +345,17 @@ class Broker:
                 self._send(identity, wire.Wait(req.request_id, 0.1, "replay_empty", self.weights))
                 self.processes.waited(req, 0.1)
         for grant in grants:
-            self._grant_lease(grant)
+            self.leases.grant(grant)
+            self._send(grant.identity, self.leases.message(grant.request, grant.lease_id, grant.task_index,
+                                                           self.weights))  # fmt: skip
+
+    def _answer_quarantine(self, turn: Turn, done: list[bool]) -> None:
+        for (group_id, reason, batch), ok in zip(turn.quarantine, done, strict=True):
+            self.scorers.forget(group_id)
+            if ok:
+                self.log.error("group_quarantined", group_id=group_id, reason=reason[:300], batch=batch)
+        for identity, msg in turn.rejects:
+            self._send(identity, wire.Ack(msg.request_id, True, "quarantined", self.weights))
 
     def _commit_failed(self, turn: Turn, grants: list[Grant], exc: Exception) -> None:
         """Nothing of this turn is durable: say so to every waiting client and keep what cannot be resent."""
@@ -298,10 +363,10 @@ class Broker:
         if self.storage_ok:
             self.log.error("storage_write_failed", error=str(exc)[:200], action="not acknowledging; retrying")
         self.storage_ok = False
-        self.cursor = self.committed_cursor
-        self.retry_tasks.extendleft((g.replaces, g.task_index) for g in reversed(grants) if g.replaces)
-        self.carry = Turn(scored=turn.scored, unscorable=turn.unscorable, released=turn.released)
-        for identity, g in [*turn.groups, *turn.skips]:
+        self.leases.rollback(grants)
+        quarantine = [q for q in turn.quarantine if q[2] is None]  # the learner resends its own rejects
+        self.carry = Turn(scored=turn.scored, unscorable=turn.unscorable, released=turn.released, quarantine=quarantine)
+        for identity, g in [*turn.groups, *turn.skips, *turn.rejects]:
             self._send(identity, wire.Ack(g.request_id, False, "storage_unavailable", self.weights))
         for identity, m in [*turn.samples, *turn.leases]:
             self._send(identity, wire.Wait(m.request_id, self.storage_retry_s, "storage_unavailable", self.weights))
@@ -315,6 +380,17 @@ class Broker:
             if messages and f"handshake:{reason}" not in self._logged_reasons:
                 self._logged_reasons.add(f"handshake:{reason}")
                 self.log.warning("handshake_rejected", reason=reason, detail=messages[0][:300])
+
+    def _refuse(self, identity: bytes, msg: Any, exc: Refused) -> None:
+        """A well-formed message refused: counted under its reason, logged once per reason, answered so an honest
+        client stops resending (``rejected:`` is final for it)."""
+        self.gauges[f"rejected/{exc.reason}"] += 1
+        if exc.reason not in self._logged_reasons:
+            self._logged_reasons.add(exc.reason)
+            self.log.warning("message_refused", reason=exc.reason, type=type(msg).__name__, detail=str(exc)[:300])
+        request_id = getattr(msg, "request_id", None)
+        if isinstance(request_id, str):
+            self._send(identity, wire.Ack(request_id, False, f"rejected: {str(exc)[:300]}", self.weights))
 
     def _reject(self, identity: bytes, exc: wire.WireError) -> None:
         self.gauges[f"rejected/{exc.reason}"] += 1
@@ -334,54 +410,16 @@ class Broker:
     def admission_open(self, extra: int = 0) -> bool:
         """AReaL's capacity rule ``ingested + running ≤ (η + v + 1)·B`` with v = the learner step of the latest
         published weights (so a group leased now, generated with those weights, is trained at most η versions
-        later) plus every group that left without being trained (dropped or evicted), so producers never deadlock."""
+        later) plus every group that left without being trained (dropped, evicted or quarantined), so producers
+        never deadlock."""
         c = self.durable
-        dropped = c["dropped_stale"] + c["dropped_unscorable"] + c["evicted_unconsumed"]
+        dropped = c["dropped_stale"] + c["dropped_unscorable"] + c["evicted_unconsumed"] + c["quarantined"]
         budget = (self.max_staleness + 1 + self.learner_step) * self.groups_per_step + dropped
         return c["ingested"] + len(self.leases) + extra < budget
 
-    def _plan_leases(self, turn: Turn) -> list[Grant]:
-        """One grant per admitted lease request: tasks of expired leases first, then the task cursor."""
-        grants = []
-        for identity, req in turn.leases:
-            if self.retry_tasks:
-                replaces, index = self.retry_tasks.popleft()
-            else:
-                replaces, index = "", self.cursor % len(self.tasks)
-                self.cursor += 1
-            grants.append(Grant(identity, req, new_id(), index, replaces))
-        return grants
-
-    def _grant_lease(self, grant: Grant) -> None:
-        self.leases[grant.lease_id] = LeaseEntry(
-            grant.task_index, grant.request.actor_id, time.monotonic() + self.lease_timeout_s
-        )
-        self._remember_request(grant.request.request_id, grant.lease_id)
-        self._send_lease(grant.identity, grant.request, grant.lease_id, grant.task_index)
-
-    def _remember_request(self, request_id: str, lease_id: str) -> None:
-        self.lease_requests[request_id] = lease_id
-        while len(self.lease_requests) > MAX_REMEMBERED_REQUESTS:  # bounded LRU of answered lease requests
-            self.lease_requests.popitem(last=False)
-
-    def _send_lease(self, identity: bytes, request: wire.LeaseRequest, lease_id: str, index: int) -> None:
-        task = self.tasks[index]
-        self._send(
-            identity,
-            wire.Lease(
-                request_id=request.request_id,
-                lease_id=lease_id,
-                task_id=task.task_id,
-                instruction=task.instruction,
-                task_type=task.task_type,
-                input_images=list(task.input_images),
-                weights=self.weights,
-            ),
-        )
-
     def _answer_groups(self, turn: Turn, inserted: list[bool]) -> None:
         for (identity, g), is_new in zip(turn.groups, inserted, strict=True):
-            self.leases.pop(g.lease_id, None)
+            self.leases.closed_by_group(g.lease_id)
             if is_new:
                 self.scorers.add(g.group_id, job_payload(g))
                 self.log.debug("group_stored", group_id=g.group_id, actor_id=g.actor_id, version=g.policy_version)
@@ -390,30 +428,28 @@ class Broker:
             self._send(identity, wire.Ack(g.request_id, True, "stored" if is_new else "duplicate", self.weights))
 
     def _on_skip(self, identity: bytes, msg: wire.SkipTask, turn: Turn) -> None:
-        turn.released.append(msg.lease_id)
+        entry = self.leases.open.get(msg.lease_id)
+        if entry is not None and entry.actor_id != msg.actor_id:
+            raise Refused("lease_of_another_actor", f"lease {msg.lease_id} was issued to {entry.actor_id}")
+        turn.released.append((msg.lease_id, "skipped"))
         turn.skips.append((identity, msg))
 
     def _answer_skips(self, turn: Turn) -> None:
         for identity, msg in turn.skips:
-            if self.leases.pop(msg.lease_id, None) is not None:
+            if self.leases.open.pop(msg.lease_id, None) is not None:
                 self.gauges["tasks_skipped"] += 1
                 self.log.warning("task_skipped", task_id=msg.task_id, actor_id=msg.actor_id, reason=msg.reason)
             self._send(identity, wire.Ack(msg.request_id, True, "skipped", self.weights))
-
-    def _expire_leases(self) -> None:
-        now = time.monotonic()
-        for lease_id, lease in list(self.leases.items()):
-            if lease.deadline < now:
-                del self.leases[lease_id]
-                self.retry_tasks.append((lease_id, lease.task_index))  # deleted from LMDB when re-granted
-                self.gauges["leases_expired"] += 1
-                self.log.warning("lease_expired", lease_id=lease_id, actor_id=lease.actor_id)
 
     # -- learners ----------------------------------------------------------------------------------------------
 
     def _on_publish(self, identity: bytes, msg: wire.PublishWeights) -> None:
         info = wire.weights_from_dict(msg.weights)
-        newer = info.version > self.weights["version"]
+        if wire.weights_dict(info) == self.weights:  # a resend (lost ack): acknowledged again below
+            newer = False
+        else:
+            self.rules.check_publish(info, int(self.weights["version"]))  # raises Refused
+            newer = True
         weights = wire.weights_dict(info) if newer else self.weights
         learner_step = max(self.learner_step, msg.learner_step)
         try:  # weights and the learner step that admission control reads: one transaction, all or nothing

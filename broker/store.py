@@ -5,7 +5,9 @@ Terms
   ``group_id``. Immutable once stored.
 - **state** of a group: ``pending`` (stored, waiting for scores) → ``ready`` (scored, in the replay, sampleable) →
   ``consumed`` (handed to a learner rank). Side exits, each counted: ``unscorable`` (the judge could not score it),
-  ``stale`` (older than the learner's staleness bound when sampled), ``evicted`` (pushed out by capacity).
+  ``stale`` (older than the learner's staleness bound when sampled), ``evicted`` (pushed out by capacity),
+  ``quarantined`` (poison: its score job failed ``broker.max_job_attempts`` times, or a learner's family check
+  refused it after it was consumed; the reason is kept in its status).
 - **seq**: a durable, strictly increasing insert number; ``pending`` and ``ready`` tables are ordered by it (FIFO).
 - **version**: the policy weight version that generated a group.
 
@@ -45,6 +47,7 @@ COUNTER_KEYS = (
     "evicted_unconsumed",
     "reserved",
     "reserve_missing",
+    "quarantined",
 )
 
 
@@ -72,6 +75,7 @@ class TurnResult:
     inserted: list[bool]  # per insert: stored now (False = duplicate group_id)
     scored: list[bool]  # per result: pending → ready (False = late duplicate)
     dropped: list[bool]  # per unscorable: pending → unscorable
+    quarantined: list[bool]  # per quarantine: pending/consumed → quarantined
     samples: list[tuple[list[Sampled], int]]  # per request: (groups, n_stale)
     counters: dict[str, int]  # durable counters after the turn
 
@@ -152,17 +156,19 @@ class ReplayStore:
         samples: Sequence[SampleSpec] = (),
         task_cursor: int | None = None,  # the new durable task cursor (None: unchanged)
         lease_puts: Sequence[tuple[str, dict[str, Any]]] = (),
-        lease_deletes: Sequence[str] = (),
+        lease_closes: Sequence[tuple[str, str]] = (),  # (lease_id, why): kept, marked closed
+        quarantine: Sequence[tuple[str, str, tuple[int, int] | None]] = (),  # (group_id, reason, (rank, step))
     ) -> TurnResult:
-        """Apply a loop turn's writes in one transaction, in this order: inserts, scores, drops, samples, leases.
+        """Apply a loop turn's writes in one transaction, in this order: inserts, scores, drops, quarantines, samples,
+        leases.
 
         Samples are answered from groups committed by this transaction or earlier ones. A turn with only sample
         requests, none of which can be answered, writes nothing (no fsync).
         """
         if not (
-            inserts or scored or unscorable or task_cursor is not None or lease_puts or lease_deletes
+            inserts or scored or unscorable or task_cursor is not None or lease_puts or lease_closes or quarantine
         ) and not self._samples_need_write(samples):
-            return TurnResult([], [], [], [([], 0) for _ in samples], self.counters())
+            return TurnResult([], [], [], [], [([], 0) for _ in samples], self.counters())
 
         def txn_fn(txn: lmdb.Transaction) -> TurnResult:
             counters = self._get_meta(txn, "counters", {})
@@ -170,15 +176,20 @@ class ReplayStore:
                 inserted=self._insert(txn, counters, list(inserts)),
                 scored=[self._mark_scored(txn, counters, *item) for item in scored],
                 dropped=[self._mark_unscorable(txn, counters, *item) for item in unscorable],
+                quarantined=[self._quarantine(txn, counters, *item) for item in quarantine],
                 samples=[self._sample(txn, counters, spec) for spec in samples],
                 counters={},
             )
             if task_cursor is not None:
                 self._put_meta(txn, "task_cursor", task_cursor)
-            for lease_id in lease_deletes:
-                txn.delete(lease_id.encode(), db=self.db["leases"])
             for lease_id, info in lease_puts:
                 txn.put(lease_id.encode(), msgpack.packb(info, use_bin_type=True), db=self.db["leases"])
+            for lease_id, why in lease_closes:  # kept: a late group on an expired lease is still one we issued
+                raw = txn.get(lease_id.encode(), db=self.db["leases"])
+                info = None if raw is None else msgpack.unpackb(raw, raw=False)
+                if info is not None and "closed" not in info:
+                    info["closed"] = why
+                    txn.put(lease_id.encode(), msgpack.packb(info, use_bin_type=True), db=self.db["leases"])
             self._put_meta(txn, "counters", counters)
             result.counters = {**dict.fromkeys(COUNTER_KEYS, 0), **counters}
             return result
@@ -292,6 +303,29 @@ class ReplayStore:
         _add(counters, dropped_unscorable=1)
         return True
 
+    def _quarantine(
+        self, txn: lmdb.Transaction, counters: dict[str, int], group_id: str, reason: str, batch: tuple[int, int] | None
+    ) -> bool:
+        """pending → quarantined (poison score job), or consumed → quarantined (a learner's family check refused it;
+        ``batch`` = its (rank, step), from whose assignment it is removed so the rank's next request tops the batch
+        up instead of receiving it again). False if the group is in neither state (already decided)."""
+        gid = group_id.encode()
+        status = self._status(txn, gid)
+        if status is None or status["state"] not in ("pending", "consumed"):
+            return False
+        if status["state"] == "pending":
+            txn.delete(_SEQ.pack(status["seq"]), db=self.db["pending"])
+        else:
+            _add(counters, consumed=-1)
+            if batch is not None:
+                spec = SampleSpec(batch[0], batch[1], 0, 0, 0)
+                assigned = [g for g in self._assigned(txn, spec) if g != group_id]
+                txn.put(spec.batch_key, msgpack.packb(assigned, use_bin_type=True), db=self.db["batches"])
+        status.update(state="quarantined", reason=reason[:500], quarantined_from=status["state"])
+        self._set_status(txn, gid, status)
+        _add(counters, quarantined=1)
+        return True
+
     def _take_ready(
         self, txn: lmdb.Transaction, counters: dict[str, int], max_groups: int, min_version: int
     ) -> tuple[list[Sampled], int]:
@@ -364,9 +398,17 @@ class ReplayStore:
         return counters
 
     def leases(self) -> dict[str, dict[str, Any]]:
-        """Outstanding task leases (lease_id → {task_index, actor_id, ...}) as of the last commit."""
+        """Outstanding task leases (lease_id → {task_index, actor_id, ...}) as of the last commit (closed ones are
+        kept in the table, see :meth:`get_lease`, but not listed here)."""
         with self.env.begin() as txn:
-            return {k.decode(): msgpack.unpackb(v, raw=False) for k, v in txn.cursor(db=self.db["leases"])}
+            out = {k.decode(): msgpack.unpackb(v, raw=False) for k, v in txn.cursor(db=self.db["leases"])}
+        return {k: v for k, v in out.items() if "closed" not in v}
+
+    def get_lease(self, lease_id: str) -> dict[str, Any] | None:
+        """A lease this broker issued, open or closed (``closed``: "expired", "skipped" or "used:<group_id>")."""
+        with self.env.begin() as txn:
+            raw = txn.get(lease_id.encode(), db=self.db["leases"])
+        return None if raw is None else msgpack.unpackb(raw, raw=False)
 
     def iter_batches(self) -> dict[tuple[int, int], list[str]]:
         """Every recorded (rank, step) → group ids handed to that learner rank for that step."""

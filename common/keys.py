@@ -1,5 +1,11 @@
 """CURVE key files for a multi-host topology (``editrl keys``): a server pair, client pairs and the broker's allowlist,
-secrets created 0600 and never readable by others, not even briefly. :mod:`editrl.common.security` loads them."""
+secrets created 0600 and never readable by others, not even briefly. :mod:`editrl.common.security` loads them.
+
+One key per process, named after its role: the broker takes a client's role from the name of its allowlisted key,
+up to the first ``-`` (``actor-0`` and ``actor-1`` are actors, ``tool`` is a command-line tool; see
+:mod:`editrl.common.roles`). A key whose name does not start with a role connects but its messages carry no role.
+Every process reads its key from its topology file, so processes of different roles need topology files of their own.
+"""
 
 from __future__ import annotations
 
@@ -77,7 +83,8 @@ class KeyLayout:
 
 def generate_layout(out_dir: str | Path, client_names: list[str], overwrite: bool = False) -> KeyLayout:
     """Create ``out_dir/server.key*``, ``out_dir/clients/NAME.key*`` and the allowlist ``out_dir/allowed/NAME.key``
-    (copies of the client public keys). ``clients/`` is made mode 0700. Same errors as :func:`generate_keys`.
+    (copies of the client public keys; NAME up to the first ``-`` is the key's role). ``clients/`` is made mode 0700.
+    Same errors as :func:`generate_keys`.
     """
     root = Path(out_dir)
     server = generate_keys(root, ["server"], overwrite=overwrite)["server"]

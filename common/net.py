@@ -1,8 +1,8 @@
 """ZeroMQ helpers: hardened sockets and a request/reply client that survives a broker restart.
 
-Failure model: a CURVE handshake that demonstrably failed (key not allowlisted, wrong server key, plaintext vs CURVE)
-raises :class:`~editrl.common.security.HandshakeError` from ``request`` instead of retrying forever. Every request
-carries a ``request_id``; the client resends the *same* message (same ids) after
+Failure model: a handshake that demonstrably failed (key not allowlisted, wrong server key, plaintext vs CURVE, a
+wrong or missing role secret) raises :class:`~editrl.common.security.HandshakeError` from ``request`` instead of
+retrying forever. Every request carries a ``request_id``; the client resends the *same* message (same ids) after
 ``timeout_s`` without a reply, rebuilding its socket so a restarted broker is reached. The broker's handlers are
 idempotent by id, so a resend after a lost reply is harmless. Replies for older requests are discarded.
 """
@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from editrl.common import codec, wire
+from editrl.common.roles import check_role
 from editrl.common.security import HandshakeWatch, SecurityConfig, secure_client
 
 
@@ -42,7 +43,10 @@ def new_id() -> str:
 
 
 class BrokerClient:
-    """A DEALER connected to the broker's ROUTER, one outstanding request at a time."""
+    """A DEALER connected to the broker's ROUTER, one outstanding request at a time.
+
+    ``role`` (``actor``, ``scorer``, ``learner`` or ``tool``; required) is what this process proves to the broker
+    when the topology authenticates roles (:mod:`editrl.common.roles`)."""
 
     def __init__(
         self,
@@ -51,8 +55,11 @@ class BrokerClient:
         identity: str,
         timeout_s: float = wire.REQUEST_TIMEOUT_S,
         security: SecurityConfig | None = None,
+        *,
+        role: str,
     ):
         self.ctx, self.endpoint, self.identity, self.timeout_s = ctx, endpoint, identity, timeout_s
+        self.role = check_role(role)
         self.security = security or SecurityConfig()
         self.sock: zmq.Socket | None = None
         self.watch: HandshakeWatch | None = None
@@ -62,8 +69,8 @@ class BrokerClient:
         self.close()
         self.sock = harden(self.ctx.socket(zmq.DEALER))
         self.sock.setsockopt(zmq.ROUTING_ID, f"{self.identity}-{new_id()[:8]}".encode())
-        secure_client(self.sock, self.security)
-        self.watch = HandshakeWatch(self.sock, self.endpoint)  # a rejected key raises HandshakeError in request()
+        secure_client(self.sock, self.security, self.role)
+        self.watch = HandshakeWatch(self.sock, self.endpoint)  # a refused key or secret: HandshakeError in request()
         self.sock.connect(self.endpoint)
 
     def request(self, msg: Any, retries: int = -1, should_stop: Any = None) -> Any:

@@ -1,8 +1,11 @@
-"""CURVE encryption and client authentication for the broker's ROUTER and its DEALER clients.
+"""CURVE encryption, client authentication and peer roles for the broker's ROUTER and its DEALER clients.
 
 Keys are ZeroMQ certificate files (``zmq.auth`` format): ``NAME.key`` holds a public key, ``NAME.key_secret`` the
 public and the secret key (mode 0600). The broker holds the server pair and a directory of allowed client public
 keys (the ZAP allowlist); every client holds the server's public key and its own pair.
+
+Roles (:mod:`editrl.common.roles`): with :attr:`SecurityConfig.roles_enforced` (a topology file; not a config built
+in code) every broker message carries its sender's role (:func:`peer_role`): a CURVE key's name, or a role secret.
 
 Failure model
 - Configuration: :meth:`SecurityConfig.validate` raises ``ValueError`` naming the field (``security.<field>: ...``)
@@ -16,9 +19,10 @@ Failure model
   case                          client socket                                  server socket
   ============================  =============================================  =====================================
   client key not in allowlist   HANDSHAKE_FAILED_AUTH value=400, then never     HANDSHAKE_FAILED_AUTH 400
-                                reconnects (the socket stays silent forever)
+  (PLAIN: wrong role secret)    reconnects (the socket stays silent forever)
   plaintext client, CURVE srv   HANDSHAKE_FAILED_PROTOCOL 0x11000002            HANDSHAKE_FAILED_PROTOCOL 0x11000002
-  (or CURVE client, plain srv)  (MECHANISM_MISMATCH), never reconnects          (MECHANISM_MISMATCH)
+  (or CURVE client, plain srv;  (MECHANISM_MISMATCH), never reconnects          (MECHANISM_MISMATCH)
+  no role secret, PLAIN srv)
   wrong server public key       HANDSHAKE_FAILED_NO_DETAIL value=32 (EPIPE)    HANDSHAKE_FAILED_PROTOCOL 0x11000001
                                 + DISCONNECTED, retried every RECONNECT_IVL    (CRYPTOGRAPHIC), once per attempt
   server not up (refused)       CONNECT_DELAYED/CLOSED/CONNECT_RETRIED only    -
@@ -36,7 +40,7 @@ Failure model
   counts, and a disconnect after a successful handshake resets nothing and counts nothing.
 - The ZAP authenticator is a thread in the server's context. If it is not running, libzmq 4.3.5 accepts every
   CURVE client that knows the server's public key (``ZAP_ENFORCE_DOMAIN`` is accepted but has no effect in this
-  non-draft build): start it before ``bind`` and stop it only after closing the socket. :class:`ServerWatch`
+  non-draft build; PLAIN likewise): start it before ``bind``, stop it only after closing the socket. ServerWatch
   reports a dead authenticator. One authenticator per context (it binds ``inproc://zeromq.zap.01``).
 - The allowlist is read once when :func:`secure_server` runs; a key added later needs a broker restart.
 """
@@ -57,11 +61,14 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
+from editrl.common.roles import RoleAuthenticator, check_role, key_roles, peer_role, role_secrets
+
 __all__ = [
     "HandshakeError",
     "HandshakeWatch",
     "SecurityConfig",
     "ServerWatch",
+    "peer_role",
     "secure_client",
     "secure_server",
 ]
@@ -86,6 +93,7 @@ _TIMEOUT_ERRNOS = {errno.EAGAIN, errno.ETIMEDOUT}  # NO_DETAIL after HANDSHAKE_I
 _PROTOCOL_NAMES = {
     getattr(zmq, name): name.removeprefix("PROTOCOL_ERROR_") for name in dir(zmq) if name.startswith("PROTOCOL_ERROR_")
 }
+_PLAIN_REJECTED = "the server rejected our role secret (security.role_secrets_file is not the broker's file)"
 _ZAP_STATUS = {
     300: "the server's authenticator reported a temporary error",
     400: "the server rejected our key (not in its allowlist: security.allowed_clients_dir)",
@@ -101,7 +109,8 @@ class SecurityConfig:
     """The ``security`` section of the topology file. All paths are certificate files written by
     :func:`editrl.common.keys.generate_keys`.
 
-    With ``curve: false`` (the default) nothing is checked and every function here is a no-op.
+    With the defaults (no curve, no role secrets: a config built in code) every function here is a no-op. A topology
+    file always authenticates roles: the loader fills in ``role_secrets_file`` when curve is off.
     """
 
     curve: bool = False  # CURVE encryption and the client allowlist on every socket (multi-host)
@@ -110,14 +119,23 @@ class SecurityConfig:
     client_public_key: str = ""  # this process's public cert: clients only
     client_secret_key: str = ""  # this process's secret cert (mode 0600): clients only
     allowed_clients_dir: str = ""  # directory of allowed client public certs (*.key): the broker only, non-empty
+    role_secrets_file: str = ""  # per-run role secrets (0600) when curve is off; "" = secrets/roles.json in run.dir
+
+    @property
+    def roles_enforced(self) -> bool:
+        """Every broker message carries its sender's authenticated role (CURVE: key names; else role secrets)."""
+        return self.curve or bool(self.role_secrets_file)
 
     def validate(self, role: str) -> None:
         """Check that ``role`` has what it needs; raise ``ValueError("security.<field>: <problem>")`` otherwise.
 
         ``role == "broker"`` is the server (server pair + allowlist); any other role (actor, scorer, learner, a
-        command-line client) is a client (server public key + its own pair). No-op when ``curve`` is off.
+        command-line client) is a client (server public key + its own pair). Without curve, a ``role_secrets_file``
+        is created if missing and checked (``security.role_secrets_file``); otherwise nothing is checked.
         """
         if not self.curve:
+            if self.role_secrets_file:
+                role_secrets(self.role_secrets_file)
             return
         server_pub = _public_key("server_public_key", self.server_public_key)
         if role == "broker":
@@ -197,23 +215,37 @@ def _require_unconnected(sock: zmq.Socket, what: str) -> None:
         raise RuntimeError(f"{what} must be called before the socket's bind/connect")
 
 
-def secure_server(sock: zmq.Socket, ctx: zmq.Context, cfg: SecurityConfig) -> ThreadAuthenticator | None:
-    """Make ``sock`` (not yet bound) a CURVE server that accepts only the keys in ``cfg.allowed_clients_dir``.
+def secure_server(
+    sock: zmq.Socket, ctx: zmq.Context, cfg: SecurityConfig, roles: bool = True
+) -> ThreadAuthenticator | None:
+    """Make ``sock`` (not yet bound) a CURVE server that accepts only the keys in ``cfg.allowed_clients_dir`` or,
+    with ``roles`` (the broker; every frame then tells its sender's role, :func:`peer_role`) and no curve but a
+    ``cfg.role_secrets_file``, a PLAIN server that accepts only a role with its secret. ``roles=False``: CURVE only.
 
-    Starts a ZAP authenticator thread in ``ctx`` and returns it: the caller stops it (``auth.stop()``) AFTER
-    closing the socket. Returns None and changes nothing when ``cfg.curve`` is off. Raises ``ValueError`` naming the
-    field for a bad configuration, ``RuntimeError`` if the socket is already bound, ``zmq.ZMQError`` (EADDRINUSE)
-    if ``ctx`` already has an authenticator.
+    Starts a ZAP authenticator thread in ``ctx`` and returns it: the caller stops it (``auth.stop()``) AFTER closing
+    the socket. Returns None and changes nothing when there is nothing to authenticate. Raises ``ValueError`` naming
+    the field for a bad configuration, ``RuntimeError`` if the socket is already bound, ``zmq.ZMQError``
+    (EADDRINUSE) if ``ctx`` already has an authenticator.
     """
-    if not cfg.curve:
+    plain = roles and not cfg.curve and bool(cfg.role_secrets_file)
+    if not cfg.curve and not plain:
         return None
     _require_unconnected(sock, "secure_server")
     cfg.validate("broker")
-    pub, secret = _secret_pair("server_secret_key", cfg.server_secret_key)
-    auth = ThreadAuthenticator(ctx, log=logging.getLogger(ZAP_LOGGER))
+    zap_log = logging.getLogger(ZAP_LOGGER)
+    if not roles:
+        auth = ThreadAuthenticator(ctx, log=zap_log)
+    elif plain:
+        auth = RoleAuthenticator(ctx, zap_log, secrets_by_role=role_secrets(cfg.role_secrets_file))
+    else:
+        auth = RoleAuthenticator(ctx, zap_log, roles_by_key=key_roles(cfg.allowed_clients_dir))
     auth.start()
     try:
+        if plain:
+            sock.plain_server = True
+            return auth
         auth.configure_curve(domain="*", location=cfg.allowed_clients_dir)
+        pub, secret = _secret_pair("server_secret_key", cfg.server_secret_key)
         sock.curve_secretkey = secret
         sock.curve_publickey = pub
         sock.curve_server = True
@@ -223,15 +255,22 @@ def secure_server(sock: zmq.Socket, ctx: zmq.Context, cfg: SecurityConfig) -> Th
     return auth
 
 
-def secure_client(sock: zmq.Socket, cfg: SecurityConfig) -> None:
-    """Give ``sock`` (not yet connected) the server's public key and this process's pair. No-op when curve is off.
-
-    Raises ``ValueError`` naming the field for a bad configuration, ``RuntimeError`` if already connected.
+def secure_client(sock: zmq.Socket, cfg: SecurityConfig, role: str | None = None) -> None:
+    """Give ``sock`` (not yet connected) the server's public key and this process's pair (curve), or ``role`` and
+    its secret from ``cfg.role_secrets_file`` (PLAIN; no curve). Broker clients pass their role (with CURVE the broker
+    takes it from the key); ``None`` is for a server without roles (the weight stream). No-op if nothing to set.
+    Raises ``ValueError`` naming the field (or an unknown role), ``RuntimeError`` if already connected.
     """
+    if role is not None:
+        check_role(role)
     if not cfg.curve:
+        if role is not None and cfg.role_secrets_file:
+            _require_unconnected(sock, "secure_client")
+            sock.plain_username = role.encode()
+            sock.plain_password = role_secrets(cfg.role_secrets_file)[role].encode()
         return
     _require_unconnected(sock, "secure_client")
-    cfg.validate("client")
+    cfg.validate(role or "client")
     server_pub = _public_key("server_public_key", cfg.server_public_key)
     pub, secret = _secret_pair("client_secret_key", cfg.client_secret_key)
     sock.curve_serverkey = server_pub
@@ -315,7 +354,8 @@ class HandshakeWatch:
             raise ValueError(f"max_failures must be >= 1, got {max_failures}")
         _require_unconnected(sock, "HandshakeWatch")
         self.endpoint, self.max_failures = endpoint, max_failures
-        self.curve = sock.getsockopt(zmq.MECHANISM) == zmq.CURVE
+        mechanism = sock.getsockopt(zmq.MECHANISM)
+        self.curve, self.plain = mechanism == zmq.CURVE, mechanism == zmq.PLAIN  # PLAIN: a role secret
         self.succeeded = False  # a handshake ever succeeded on this socket
         self.handshakes = 0  # successful handshakes (1 + the number of reconnections)
         self.failures = 0  # consecutive dropped handshakes since the last success
@@ -365,6 +405,7 @@ class HandshakeWatch:
             self.handshakes += 1
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             what = _ZAP_STATUS.get(value, f"the server's authenticator refused us (ZAP status {value})")
+            what = _PLAIN_REJECTED if self.plain and value == 400 else what
             self._fail(f"{mech} with {ep} failed: {what}", ep, "HANDSHAKE_FAILED_AUTH", value)
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             self._fail(f"{mech} with {ep} failed: {self._protocol_text(value)}", ep, "HANDSHAKE_FAILED_PROTOCOL", value)
@@ -395,7 +436,12 @@ class HandshakeWatch:
         if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
             if self.curve:
                 return "security mechanism mismatch: this process uses CURVE but the server does not (security.curve)"
-            return "security mechanism mismatch: the server requires CURVE but this process has security.curve off"
+            if self.plain:
+                return "security mechanism mismatch: this process sends a role secret but the server uses CURVE or none"
+            return (
+                "security mechanism mismatch: the server requires CURVE but this process has security.curve off, "
+                "or it requires a role secret this process did not send (security.role_secrets_file)"
+            )
         if value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
             return "a cryptographic check failed (security.server_public_key or this process's key pair is wrong)"
         return f"protocol error {_PROTOCOL_NAMES.get(value, hex(value))}"
@@ -430,7 +476,7 @@ class ServerWatch:
                 self.accepted += 1
                 continue
             if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                reason, text = "auth", f"a client key is not in the allowlist (ZAP status {value})"
+                reason, text = "auth", f"a client's key or role secret was refused (ZAP status {value})"
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
                 reason, text = "mechanism_mismatch", "a client does not use the server's mechanism (security.curve)"
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
@@ -446,9 +492,7 @@ class ServerWatch:
         auth = self.authenticator
         if auth is not None and not self._auth_reported and not auth.is_alive():
             self._auth_reported = True
-            out.append(
-                "the ZAP authenticator is not running: CURVE clients are no longer checked against the allowlist"
-            )
+            out.append("the ZAP authenticator is not running: clients' keys and role secrets are no longer checked")
         return out
 
     def close(self) -> None:

@@ -262,6 +262,19 @@ class PublishWeights:
 
 
 @dataclass
+class RejectGroups:
+    """learner rank → broker: groups of its batch for ``step`` that its family check refused (shapes, dtypes, the
+    schedule the family needs). The broker quarantines them with the reasons and takes them out of the (rank, step)
+    assignment, so the rank's next SampleRequest tops the batch up. Answered by Ack."""
+
+    request_id: str
+    rank: int
+    step: int
+    group_ids: list[str]
+    reasons: list[str]
+
+
+@dataclass
 class StatusRequest:
     request_id: str
 
@@ -292,6 +305,7 @@ MESSAGE_TYPES: dict[str, type] = {
         SampleRequest,
         Batch,
         PublishWeights,
+        RejectGroups,
         StatusRequest,
         Status,
     )

@@ -67,12 +67,13 @@ class Learner:
         self.params = self.engine.params
         self.updater = Updater(cfg, self.policy, self.engine)
         self.dropped_stale = 0
+        self.groups_refused = 0  # groups this rank's family check refused (quarantined at the broker)
         self.step, self.version = 0, 0
         self.ckpt_dir = cfg.run_dir / "checkpoints"
         self._resume()
         self.client = BrokerClient(
             ctx or zmq.Context(), cfg.broker.endpoint, f"learner-{self.rank}", cfg.timers.request_timeout_s,
-            security=cfg.security,
+            security=cfg.security, role="learner",
         )  # fmt: skip
         self._skip_reused_versions()
         self.writer = None
@@ -142,17 +143,43 @@ class Learner:
                     raise TimeoutError("stopped while waiting for groups")
                 continue
             self.dropped_stale += reply.dropped_stale
+            refused: dict[str, str] = {}
             for i, (record, r) in enumerate(zip(reply.groups, reply.rewards, strict=True)):
-                groups.append(codec.decode(codec.decode_record(record)))
+                group = codec.decode(codec.decode_record(record))
+                reason = self.policy.check_group(group)
+                if reason is None and len(r) != len(group.edit_pngs):
+                    reason = f"{len(r)} rewards for {len(group.edit_pngs)} edits"
+                if reason is not None:
+                    refused[group.group_id] = reason
+                    continue
+                groups.append(group)
                 rewards.append(np.asarray(r, dtype=np.float32))
                 gold.append(list(reply.gold[i]) if reply.gold else [None] * len(r))
+            if refused:  # before any forward (a raise mid-forward on one rank would hang the others' collectives)
+                self.refuse(refused, should_stop)
         return groups, rewards, gold, wait_s
+
+    def refuse(self, refused: dict[str, str], should_stop: Any) -> None:
+        """Groups of this step's batch the family cannot train: the broker quarantines them and takes them out of
+        this rank's assignment, so the next request tops the batch up."""
+        for group_id, reason in refused.items():
+            self.log.error("group_refused", group_id=group_id, step=self.step + 1, rank=self.rank, reason=reason)
+        message = wire.RejectGroups(new_id(), self.rank, self.step + 1, list(refused), list(refused.values()))
+        while True:
+            reply = self.client.request(message, should_stop=should_stop)
+            if isinstance(reply, wire.Ack) and reply.ok:
+                self.groups_refused += len(refused)
+                return
+            if isinstance(reply, wire.Ack) and reply.detail.startswith("rejected"):
+                raise RuntimeError(f"the broker refused our RejectGroups: {reply.detail}")
+            time.sleep(self.cfg.timers.storage_retry_s)  # storage unavailable: the same request again
 
     def train_step(
         self, groups: list[wire.RolloutGroup], rewards: list[np.ndarray], gold: list[list[float | None]] | None = None
     ) -> dict[str, float]:
         stats = self.updater.train_step(groups, rewards, self.version)
         stats["learner/dropped_stale"] = float(self.dropped_stale)
+        stats["learner/groups_refused"] = float(self.groups_refused)
         if self.cfg.scorers.gold is not None:
             stats.update(self.gold_stats(rewards, gold or [[None] * len(r) for r in rewards]))
         return stats
@@ -177,8 +204,10 @@ class Learner:
         if self.rank == 0:
             info = self.publisher.publish(self.version, lora, kind="lora")
             message = wire.PublishWeights(new_id(), self.step, wire.weights_dict(info))
-            while not isinstance(self.client.request(message, should_stop=self.should_stop), wire.Ack):
+            while not isinstance(reply := self.client.request(message, should_stop=self.should_stop), wire.Ack):
                 time.sleep(self.cfg.timers.storage_retry_s)  # the broker could not record it: admission depends on it
+            if not reply.ok:  # our own weights refused (not the next version, uri outside the run): a bug, say so
+                raise RuntimeError(f"the broker refused weights v{self.version}: {reply.detail}")
             self.log.info("weights_published", version=self.version, seconds=round(time.monotonic() - t0, 3))
         dist.barrier()
 

@@ -10,6 +10,12 @@ Guarantees every backend keeps: ``score`` returns exactly one Score per edit, in
 in ``reasoning``; it never invents a number (no random guesses, no default 5). Callers decide what an unscored
 edit means for training (e.g. drop the group).
 
+What the scorer worker (:mod:`editrl.scorer.worker`) does when a backend breaks that promise: a call that raises
+fails only its own groups (a failed ``score_many`` batch is retried group by group), and such a group comes back with
+every edit unscored and the error named; a reply too large for the wire has its ``reasoning`` cut with a marker
+(:func:`editrl.common.fit.fit_score_result`). Reasons should still quote untrusted text (the instruction, a judge's
+reply) only through :func:`editrl.common.fit.quote` / :func:`~editrl.common.fit.cap_text`.
+
 Backends are chosen by config through ``make_backend({"backend": NAME, ...options})``. Factories import their
 module lazily, so heavy backends (VLM judges) cost nothing unless selected; new ones register with
 ``register_backend``.

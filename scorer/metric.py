@@ -29,7 +29,8 @@
   reward-hacking alarm's test trains on it with the strict metric as the held-out check.
 
 An instruction without a recognised target, or with conflicting ones (two colours, darker and brighter), leaves
-every edit unscored (``scored=False, overall=None``) with the reason: this backend never invents a number.
+every edit unscored (``scored=False, overall=None``) with the reason, quoting at most
+:data:`~editrl.common.fit.QUOTE_CHARS` characters of the instruction: this backend never invents a number.
 Edits are resized to the source size; both are then downscaled to at most ``max_side_px`` for speed.
 """
 
@@ -43,6 +44,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from editrl.common.fit import quote
 from editrl.scorer.backend import Score, ScoreRequest
 
 # Target hue of each colour word family (RGB in [0, 1]; only the chroma direction matters).
@@ -296,7 +298,7 @@ class MetricBackend:
         """One Score per edit, in order; all unscored when the instruction has no measurable target."""
         targets, why_not = parse_targets(request.instruction)
         if why_not is not None:
-            return [Score.unscored(f"{why_not}: {request.instruction!r}") for _ in request.edits]
+            return [Score.unscored(f"{why_not}: {quote(request.instruction)}") for _ in request.edits]
         size = self._working_size(request.source)
         src = _stats(request.source, size)
         return [self._score_edit(targets, src, _stats(edit, size)) for edit in request.edits]

@@ -21,7 +21,11 @@ count, a non-numeric value, NaN/inf or an out-of-range number is rejected, not c
 the reference implementations, which fall back to 5, ``score_range / 2`` or a random integer). A reply that gives
 two different score lists (a first guess and a correction, two objects, two fenced blocks, a list in the prose that
 differs from the JSON's) is ambiguous and rejected too, never read as "the first one"; the same list repeated is
-accepted.
+accepted. A reply over :data:`MAX_REPLY_CHARS` is rejected unread (far beyond any ``max_new_tokens`` a judge is
+given, and it keeps the parser's time bounded). Whatever the reply holds -- a 5,000-digit number, keys that do not
+sort, deep nesting -- the parser raises nothing but JudgeParseError, whose reason quotes at most
+:data:`~editrl.common.fit.QUOTE_CHARS` characters of the reply; the reasoning it returns is capped at
+:data:`REASONING_CHARS` (both cuts marked ``…[truncated N chars]``).
 """
 
 from __future__ import annotations
@@ -30,12 +34,25 @@ import ast
 import json
 import math
 import re
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
+from editrl.common.fit import QUOTE_CHARS, cap_text
 from editrl.scorer.engines import JudgePrompt
+
+MAX_REPLY_CHARS = 65_536  # a longer judge reply is rejected unread (512 new tokens are a few thousand characters)
+REASONING_CHARS = 2_000  # the most of a judge's reasoning kept in a Score (the prompt asks for one or two sentences)
+
+_BRIEF = reprlib.Repr()  # bounded repr of reply content in reasons (a value may be huge or deeply nested)
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxtuple, _BRIEF.maxdict = 3, 6, 6, 6
+_BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 60, 60, 40
+
+
+def _brief(value: Any) -> str:
+    return cap_text(_BRIEF.repr(value), QUOTE_CHARS)
 
 
 class JudgeParseError(ValueError):
@@ -119,7 +136,9 @@ _TRAILING_COMMA_RE = re.compile(r",\s*([}\]])")
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
 _BARE_LIST_RE = re.compile(rf"\[\s*{_NUMBER}(?:\s*,\s*{_NUMBER})*\s*,?\s*\]")
 _SCORE_FIELD_RE = re.compile(r"""["']scores?["']\s*:\s*(\[[^\[\]]*\]|[^,}\s]+)""")
-_REASONING_FIELD_RE = re.compile(r"""["']reasoning["']\s*:\s*["'](.*?)["']\s*,\s*["']scores?["']""", re.DOTALL)
+# A broken object's reasoning: from its key to the quote that closes it before the score key (two searches, linear).
+_REASONING_KEY_RE = re.compile(r"""["']reasoning["']\s*:\s*["']""")
+_REASONING_END_RE = re.compile(r"""["']\s*,\s*["']scores?["']""")
 
 
 def _decode_object(candidate: str) -> dict[str, Any] | None:
@@ -128,7 +147,7 @@ def _decode_object(candidate: str) -> dict[str, Any] | None:
     for attempt in attempts:
         try:
             value = json.loads(attempt)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # ValueError: bad JSON, or an integer over Python's 4300-digit limit
             continue
         if isinstance(value, dict):
             return value
@@ -184,15 +203,15 @@ def _score_key(obj: dict[str, Any]) -> str | None:
 def _to_number(value: Any) -> float:
     """One score value as a float; JudgeParseError for booleans, non-numbers and NaN/inf."""
     if isinstance(value, bool):
-        raise JudgeParseError(f"score value {value!r} is a boolean, not a number")
+        raise JudgeParseError(f"score value {_brief(value)} is a boolean, not a number")
     if isinstance(value, (int, float)):
-        number = float(value)
+        number = float(value) if not isinstance(value, int) or abs(value) < 2**1023 else math.inf  # no OverflowError
     elif isinstance(value, str) and re.fullmatch(rf"\s*{_NUMBER}\s*", value):
         number = float(value)
     else:
-        raise JudgeParseError(f"score value {value!r} is not a number")
+        raise JudgeParseError(f"score value {_brief(value)} is not a number")
     if not math.isfinite(number):
-        raise JudgeParseError(f"score value {value!r} is not finite")
+        raise JudgeParseError(f"score value {_brief(value)} is not finite")
     return number
 
 
@@ -200,7 +219,7 @@ def _validate(raw: Any, n_expected: int, score_range: int) -> list[float]:
     """The raw ``score`` field as exactly ``n_expected`` numbers in [0, score_range], or JudgeParseError."""
     values = list(raw) if isinstance(raw, (list, tuple)) else [raw]
     if len(values) != n_expected:
-        raise JudgeParseError(f"expected {n_expected} scores, got {len(values)}: {raw!r}")
+        raise JudgeParseError(f"expected {n_expected} scores, got {len(values)}: {_brief(raw)}")
     numbers = [_to_number(value) for value in values]
     for number in numbers:
         if not 0.0 <= number <= score_range:
@@ -213,7 +232,7 @@ def _decode_field(raw_text: str) -> Any:
     raw_text = raw_text.strip()
     try:
         return json.loads(_TRAILING_COMMA_RE.sub(r"\1", raw_text.replace("'", '"')))
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # bad JSON, or an integer over the 4300-digit limit
         return raw_text.strip("\"'")  # let _validate report it as non-numeric
 
 
@@ -222,8 +241,14 @@ def _field_fallback(text: str) -> tuple[Any, str] | None:
     match = _SCORE_FIELD_RE.search(text)
     if match is None:
         return None
-    reasoning = _REASONING_FIELD_RE.search(text)
-    return _decode_field(match.group(1)), reasoning.group(1).strip() if reasoning else ""
+    return _decode_field(match.group(1)), _reasoning_field(text)
+
+
+def _reasoning_field(text: str) -> str:
+    """The text between the first ``"reasoning": "`` and the quote that closes it before a score key, or ""."""
+    key = _REASONING_KEY_RE.search(text)
+    end = _REASONING_END_RE.search(text, key.end()) if key else None
+    return text[key.end() : end.start()].strip() if key and end else ""
 
 
 def _list_key(raw: Any) -> tuple[Any, ...]:
@@ -234,15 +259,17 @@ def _list_key(raw: Any) -> tuple[Any, ...]:
         try:
             key.append(_to_number(value))
         except JudgeParseError:
-            key.append(repr(value))
+            key.append(_brief(value))
     return tuple(key)
 
 
 def _mask(text: str, spans: list[tuple[int, int]]) -> str:
-    """``text`` with every span blanked out (same length, so later spans stay valid)."""
+    """``text`` with every span (disjoint, in order) blanked out; same length, so later spans stay valid."""
+    pieces, position = [], 0
     for start, end in spans:
-        text = text[:start] + " " * (end - start) + text[end:]
-    return text
+        pieces += [text[position:start], " " * (end - start)]
+        position = end
+    return "".join([*pieces, text[position:]])
 
 
 def _bare_list(text: str) -> list[float]:
@@ -276,7 +303,8 @@ def _score_lists(text: str, n_expected: int) -> list[tuple[Any, ...]]:
 
 
 def _show(key: tuple[Any, ...]) -> str:
-    return "[" + ", ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in key) + "]"
+    shown = ", ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in key[:6])
+    return cap_text("[" + shown + (", ..." if len(key) > 6 else "") + "]", QUOTE_CHARS)
 
 
 def _ambiguous(keys: list[tuple[Any, ...]]) -> JudgeParseError:
@@ -301,6 +329,8 @@ def parse_scores(text: str | None, n_expected: int = 2, score_range: int = 10) -
     _check_range(score_range)
     if text is None or not text.strip():
         raise JudgeParseError("empty judge reply")
+    if len(text) > MAX_REPLY_CHARS:
+        raise JudgeParseError(f"judge reply too long: {len(text):,} chars (at most {MAX_REPLY_CHARS:,} are read)")
     stated = _score_lists(text, n_expected)
     if len(stated) > 1:
         raise _ambiguous(stated)
@@ -309,13 +339,16 @@ def parse_scores(text: str | None, n_expected: int = 2, score_range: int = 10) -
         key = _score_key(obj)
         if key is not None:
             reasoning = obj.get("reasoning", "")
-            return ParsedReply(_validate(obj[key], n_expected, score_range), str(reasoning).strip())
+            reasoning = reasoning if isinstance(reasoning, str) else _brief(reasoning)
+            return ParsedReply(
+                _validate(obj[key], n_expected, score_range), cap_text(reasoning.strip(), REASONING_CHARS)
+            )
     if candidates:
-        raise JudgeParseError(f"judge reply object has no 'score' field (keys: {sorted(candidates[0])})")
+        raise JudgeParseError(f"judge reply object has no 'score' field (keys: {_brief(list(candidates[0]))})")
     fields = _field_fallback(text)
     if fields is not None:
         raw, reasoning = fields
-        return ParsedReply(_validate(raw, n_expected, score_range), reasoning)
+        return ParsedReply(_validate(raw, n_expected, score_range), cap_text(reasoning, REASONING_CHARS))
     lists = list(dict.fromkeys(tuple(_bare_list(match)) for match in _BARE_LIST_RE.findall(text)))
     if len(lists) == 1:
         return ParsedReply(_validate(list(lists[0]), n_expected, score_range), "")

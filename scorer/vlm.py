@@ -14,7 +14,10 @@ Failure model:
   ``Score.unscored("judge reply unparseable after N re-asks: <reason>")``. It never gets a number: no default,
   no clamping, no random guess, no average over only the passes that happened to parse.
 - If ``engine.generate`` itself raises or returns the wrong number of replies, that call counts as None for
-  every prompt in it (so it is re-asked like any other failure) instead of crashing the scorer.
+  every prompt in it (so it is re-asked like any other failure) instead of crashing the scorer. A reply that is not
+  text, or on which the parser itself fails, is such a failure too (for that prompt only).
+- Reasons quote a bounded part of what the engine or the judge said (see :mod:`editrl.scorer.viescore`), and the
+  reasoning kept is the parser's capped one, so a judge's megabyte reply never reaches the wire.
 - Engines are imported lazily by name and built on first use; ``engine`` may also be a ready JudgeEngine object.
   Building it is NOT guarded: an unknown module (e.g. no vLLM engine installed) or bad ``engine_options`` raise
   from the first ``score`` call, so a misconfigured judge fails loudly instead of leaving every edit unscored.
@@ -32,6 +35,7 @@ from typing import Any
 
 from PIL import Image
 
+from editrl.common.fit import cap_text
 from editrl.scorer.backend import Score, ScoreRequest
 from editrl.scorer.engines import JudgeEngine, JudgePrompt
 from editrl.scorer.viescore import REDUCTIONS, JudgeParseError, ParsedReply, avg_at_k, build_prompts, parse_scores
@@ -176,18 +180,22 @@ class VLMBackend:
             if len(replies) != len(slots):
                 raise RuntimeError(f"engine returned {len(replies)} replies for {len(slots)} prompts")
         except Exception as exc:  # an engine-wide failure: every prompt of the call failed
-            log.warning("judge engine %s failed for %d prompts: %r", self.engine_name, len(slots), exc)
+            error = f"engine error: {type(exc).__name__}: {cap_text(str(exc))}"
+            log.warning("judge engine %s failed for %d prompts: %s", self.engine_name, len(slots), error)
             for slot in slots:
-                slot.error = f"engine error: {exc!r}"
+                slot.error = error
             return
         for slot, reply in zip(slots, replies, strict=True):
-            if reply is None:
-                slot.error = "engine returned no reply"
+            if not isinstance(reply, str):
+                slot.error = "engine returned no reply" if reply is None else f"engine returned {type(reply).__name__}"
                 continue
             try:
                 slot.parsed = parse_scores(reply, n_expected=2, score_range=self.score_range)
             except JudgeParseError as exc:
                 slot.error = exc.reason
+            except Exception as exc:  # a parser bug costs this reply, not the whole batch
+                slot.error = f"reply parser failed: {type(exc).__name__}: {cap_text(str(exc))}"
+                log.warning("judge reply parser failed: %s", slot.error)
 
     def _combine(self, passes: list[tuple[_Slot, _Slot]]) -> Score:
         """The Score of one edit from its (SC, PQ) slots of every pass, or unscored if any is unusable."""

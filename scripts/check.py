@@ -71,7 +71,7 @@ class CheckReport:
 
 def run_check(cfg: TopologyConfig, n_groups: int = 8, timeout_s: float = 60.0) -> CheckReport:
     report = CheckReport()
-    client = BrokerClient(zmq.Context(), cfg.broker.endpoint, "check", timeout_s=timeout_s, security=cfg.security)
+    client = BrokerClient(zmq.Context(), cfg.broker.endpoint, "check", timeout_s, cfg.security, role="tool")
     t_start = time.monotonic()
     try:
         for group in workload(n_groups):

@@ -52,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for one group's scores")
     keys = sub.add_parser("keys", help="generate CURVE keys: server pair, client pairs and the allowlist")
     keys.add_argument("dir")
-    keys.add_argument("--clients", default="actors,scorers,learner", help="comma-separated client key names")
+    keys.add_argument(
+        "--clients",
+        default="actor-0,actor-1,scorer-0,learner-0,tool",
+        help="comma-separated client key names, one per process; the role is the name up to the first '-' "
+        "(actor, scorer, learner, tool)",
+    )
     status = sub.add_parser("status", help="a live table of every process of a running topology (until Ctrl-C)")
     status.add_argument("config")
     status.add_argument(
@@ -80,12 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     return commands[args.command](args)
 
 
-def _load(path: str):  # noqa: ANN202
+def _load(path: str, broker_client: bool = False):  # noqa: ANN202
+    """The topology (exit 2 naming the field); with ``broker_client``, also this tool's keys or role secret."""
     from editrl.common.config import ConfigError, load_config
 
     try:
-        return load_config(path)
-    except ConfigError as exc:
+        cfg = load_config(path)
+        if broker_client:
+            cfg.security.validate("tool")
+        return cfg
+    except (ConfigError, ValueError) as exc:
         print(f"editrl: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -175,7 +184,7 @@ def _ask_broker(cfg, call):  # noqa: ANN001, ANN202
 def _check(args: argparse.Namespace) -> int:
     from editrl.scripts.check import run_check
 
-    cfg = _load(args.config)
+    cfg = _load(args.config, broker_client=True)
     summary, code = _ask_broker(cfg, lambda: run_check(cfg, n_groups=args.groups, timeout_s=args.timeout).summary())
     if summary is None:
         return code
@@ -195,14 +204,23 @@ def _check(args: argparse.Namespace) -> int:
 
 def _keys(args: argparse.Namespace) -> int:
     from editrl.common.keys import generate_layout
+    from editrl.common.roles import ROLES, role_of_key_name
 
     names = [n.strip() for n in args.clients.split(",") if n.strip()]
     layout = generate_layout(args.dir, names)
     print(f"server keys:  {layout.root / 'server.key'} (public), {layout.root / 'server.key_secret'} (secret, 0600)")
     print(f"client keys:  {layout.root / 'clients'}/<name>.key[_secret]   allowlist: {layout.allowed_dir}")
+    print("roles:        " + ", ".join(f"{n} -> {role_of_key_name(n) or 'NO ROLE'}" for n in names))
+    for name in (n for n in names if not role_of_key_name(n)):
+        print(
+            f"editrl keys: warning: {name!r} does not start with a role ({', '.join(ROLES)}): the broker accepts "
+            f"this key but refuses its messages; name it e.g. tool-{name}",
+            file=sys.stderr,
+        )
     print("topology section for the broker host (clients use client_public_key / client_secret_key instead):")
     for key, value in dataclasses.asdict(layout.broker_config()).items():
-        print(f"  {key}: {value}")
+        if value != "":  # role_secrets_file: not used with curve
+            print(f"  {key}: {value}")
     return 0
 
 
@@ -215,13 +233,16 @@ def _status(args: argparse.Namespace) -> int:
     from editrl.common.net import BrokerClient, new_id
     from editrl.scripts.status import gold_line, latest_gold, local_pids, render_status
 
-    cfg = _load(args.config)
-    client = BrokerClient(zmq.Context(), cfg.broker.endpoint, "status", timeout_s=3.0, security=cfg.security)
+    cfg = _load(args.config, broker_client=True)
+    client = BrokerClient(zmq.Context(), cfg.broker.endpoint, "status", 3.0, cfg.security, role="tool")
     try:
         while True:
             reply, code = _ask_broker(cfg, lambda: client.request(wire.StatusRequest(new_id()), retries=0))
             if reply is None:
                 return code
+            if isinstance(reply, wire.Ack):  # refused, e.g. a CURVE key whose name names no role
+                print(f"editrl: the broker refused the status request: {reply.detail}", file=sys.stderr)
+                return 1
             pids = local_pids(cfg.run_dir)
             gold = latest_gold(cfg.run_dir) if cfg.scorers.gold is not None else None
             if args.json:

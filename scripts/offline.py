@@ -208,7 +208,9 @@ class PoolScorer:
             from editrl.common.net import BrokerClient
 
             cfg = self.cfg
-            client = BrokerClient(self.ctx, cfg.broker.endpoint, self.identity, self.timeout_s, cfg.security)
+            client = BrokerClient(
+                self.ctx, cfg.broker.endpoint, self.identity, self.timeout_s, cfg.security, role="tool"
+            )
             self.local.client = client
             with self.lock:
                 self.clients.append(client)

@@ -7,7 +7,8 @@ reader never pins old pages across user-visible work. ``stats`` and ``ls`` read 
 ONE transaction: the store writes a state change and its counters in the same commit, so they always agree.
 
 Terms are the store's (see :mod:`editrl.broker.store`): a group's ``state`` is ``pending``, ``ready`` (scored,
-sampleable), ``consumed``, ``stale``, ``unscorable`` or ``evicted``; a consumed/stale/unscorable group pushed out by
+sampleable), ``consumed``, ``stale``, ``unscorable``, ``quarantined`` (poison: its score job kept failing, or a
+learner's family check refused it; ``reason`` says which) or ``evicted``; a consumed/stale/unscorable group pushed out by
 capacity keeps its state with ``evicted: true`` and its record (images) is gone. Rewards are the per-edit
 ``overall`` scores; sub-scores and the judge's reasoning are ``status["scores"]["sub_scores"|"reasoning"]``.
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STATES = ("pending", "ready", "consumed", "stale", "unscorable", "evicted")
+STATES = ("pending", "ready", "consumed", "stale", "unscorable", "quarantined", "evicted")
 SORT_KEYS = ("time", "version", "reward")
 REPLAY_DIR = "replay.lmdb"  # the replay's directory inside a run directory
 PAGE_SORTS = ("time_asc", "time_desc", "reward_asc", "reward_desc", "version_asc", "version_desc")
@@ -222,6 +223,7 @@ def replay_stats(path: str | Path) -> dict[str, Any]:
         "drops": {
             "stale": c["dropped_stale"],
             "unscorable": c["dropped_unscorable"],
+            "quarantined": c.get("quarantined", 0),
             "duplicates": c["duplicate_groups"],
         },
         "evictions": {"evicted": c["evicted"], "evicted_unconsumed": c["evicted_unconsumed"]},
@@ -372,6 +374,7 @@ def format_stats(s: dict[str, Any]) -> str:
         f"records     n {rb['n']}  total {rb['total'] / mib:.2f} MiB  mean {_fmt(rb['mean'], 0)} B  "
         f"min {_fmt(rb['min'], 0)} B  max {_fmt(rb['max'], 0)} B",
         f"drops       stale {s['drops']['stale']}  unscorable {s['drops']['unscorable']}  "
+        f"quarantined {s['drops']['quarantined']}  "
         f"duplicates {s['drops']['duplicates']}",
         f"evictions   {s['evictions']['evicted']} (unconsumed {s['evictions']['evicted_unconsumed']})",
         f"rewards     groups {r['groups']}  edits {r['n']}  mean {_fmt(r['mean'])}  std {_fmt(r['std'])}  "
@@ -401,7 +404,7 @@ def format_show(g: dict[str, Any]) -> str:
         f"  source: {src['width']}x{src['height']} PNG, {src['bytes']} bytes" if src else "  source: (evicted)",
     ]
     if g["unscorable_reason"]:
-        lines.append(f"  unscorable: {g['unscorable_reason']}")
+        lines.append(f"  {g['state']}: {g['unscorable_reason']}")
     if g["reward_mean"] is not None:
         lines.append(f"  reward mean {g['reward_mean']:.4f}  min {g['reward_min']:.4f}  max {g['reward_max']:.4f}")
     for e in g["edits"]:

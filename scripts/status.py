@@ -96,8 +96,12 @@ def render_status(processes: list[dict[str, Any]], counters: dict[str, int], wei
     )
     lines.append(
         f"groups: ingested {c.get('ingested', 0)}  consumed {c.get('consumed', 0)}  dropped stale "
-        f"{c.get('dropped_stale', 0)}  unscorable {c.get('dropped_unscorable', 0)}  evicted {c.get('evicted', 0)}"
+        f"{c.get('dropped_stale', 0)}  unscorable {c.get('dropped_unscorable', 0)}  quarantined {c.get('quarantined', 0)}  "
+        f"evicted {c.get('evicted', 0)}"
     )
+    refused = {k.removeprefix("rejected/"): v for k, v in sorted(c.items()) if k.startswith("rejected/") and v}
+    if refused:
+        lines.append("refused: " + "  ".join(f"{k} {v}" for k, v in refused.items()))
     if gold is not None:
         lines.append(gold)
     return "\n".join(lines)

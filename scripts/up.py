@@ -207,7 +207,15 @@ class Supervisor:
 
 
 def prepare(cfg: TopologyConfig, log) -> None:  # noqa: ANN001
-    """Build what the topology says may be built locally: the tiny model and the quickstart task set."""
+    """Create the run's role secrets (before any child: none waits or races for them), then build what the topology
+    says may be built locally: the tiny model and the quickstart task set."""
+    if cfg.security.role_secrets_file and not cfg.security.curve:
+        from editrl.common.roles import role_secrets
+
+        try:
+            role_secrets(cfg.security.role_secrets_file)
+        except ValueError as exc:  # names security.role_secrets_file
+            raise SystemExit(f"editrl: config error: {exc}") from None
     if cfg.policy.make_tiny:
         from editrl.common.families.base import build_tiny
 

@@ -39,13 +39,17 @@ import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from editrl.common import wire
+from editrl.common.families.ar_check import GROUP_SPEC, token_reasons
 from editrl.common.families.base import Rollout
+from editrl.common.families.check import common_reasons, first_reason
 from editrl.common.lora import LoraSpec, add_lora
 
 __all__ = [
@@ -464,6 +468,14 @@ class Emu3EditPolicy:
             counted = torch.tensor(np.asarray(mask), dtype=torch.float32, device=lp.device) > 0
             lp = torch.where(counted, lp, 0.0)
         yield 0, lp
+
+    def check_group(self, group: wire.RolloutGroup) -> str | None:
+        """None if :meth:`recompute` can use ``group``, else a short reason naming the field. Static: token ids
+        within the language model's vocabulary, counted tokens within the sampler's allowed ids (else their
+        recomputed log-prob is -inf), the sampler settings; the model never runs (see
+        :mod:`editrl.common.families.check`)."""
+        vocab = min(self.model.lm_head.out_features, self.model.text_model.embed_tokens.num_embeddings)
+        return first_reason(chain(common_reasons(group, GROUP_SPEC), token_reasons(group, vocab, self.allowed_ids)))
 
     def shard_units(self) -> list[torch.nn.Module]:
         """The decoder layers, sharded one by one before the language model root."""

@@ -23,6 +23,8 @@ Contract every family keeps (tested per family as "ratio exactly 1"):
 - ``traj["unit_mask"]`` (optional, ``[G, S]`` float32 of 0/1) marks units that do not count (e.g. AR padding after
   the end of an image); absent means every unit counts.
 - Per-group tensors (prompt embeddings, source latents, schedules) go in ``Rollout.cond`` once, never per sample.
+- ``LearnerPolicy.check_group`` tells, without running the model, whether ``recompute`` can use a received group
+  (shapes from the loaded model's config, dtypes, schedule, params); it accepts every group ``sample`` produces.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from editrl.common import wire
 from editrl.common.wire import FAMILIES, LOG_PROB_DTYPES
 
 if TYPE_CHECKING:  # torch is not imported at run time here: the config check reads PIPELINES in every process,
@@ -101,6 +104,12 @@ class LearnerPolicy(Protocol):
         self, model: torch.nn.Module, traj: dict[str, np.ndarray], cond: dict[str, np.ndarray], params: dict[str, Any]
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Chunks ``(start, log_prob [G, k])`` over the trained units, with gradients through ``model``."""
+        ...
+
+    def check_group(self, group: wire.RolloutGroup) -> str | None:
+        """None if :meth:`recompute` can use ``group``, else a short reason naming the field. Static and cheap (the
+        model never runs), it never raises; every group this family's ``sample`` produces passes. The learner runs it
+        on each received group before any forward or collective (see :mod:`editrl.common.families.check`)."""
         ...
 
 

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from editrl.common import wire
 from editrl.common.families.base import Rollout
+from editrl.common.families.check import GroupSpec, common_reasons, first_reason, shapes_reasons, units_reason
 from editrl.common.lora import LoraSpec, add_lora
 
 __all__ = ["UNET_LORA_TARGETS", "InstructPix2PixPolicy", "ddim_step", "ip2p_guided_eps"]
@@ -164,6 +167,16 @@ def _cond_tensors(cond: dict[str, np.ndarray], device: torch.device) -> dict[str
     """Stored per-group arrays -> float32 tensors on `device` plus int64 CPU `timesteps` [N]."""
     f32 = {k: _tensor(cond[k], np.float32).to(device) for k in _COND_FLOATS}
     return {**f32, "timesteps": _tensor(cond["timesteps"], np.int64)}
+
+
+_F32 = ("float32",)
+# What InstructPix2PixPolicy.recompute reads, in the dtypes sample stores (the shapes are checked by check_group).
+_GROUP_SPEC = GroupSpec(
+    family="ddim",
+    traj={"latents": _F32},
+    cond={**dict.fromkeys(_COND_FLOATS, _F32), "timesteps": ("int64",)},
+    params={"eta": "number", "guidance": "number", "image_guidance": "number"},
+)
 
 
 class InstructPix2PixPolicy:
@@ -356,6 +369,40 @@ class InstructPix2PixPolicy:
             eps = ip2p_guided_eps(model, latents[:, j], t, **c, guidance=guidance, image_guidance=image_guidance)
             _, lp, _, _ = ddim_step(scheduler, eps, t, latents[:, j], eta, prev_sample=latents[:, j + 1])
             yield j, lp.unsqueeze(1)
+
+    def check_group(self, group: wire.RolloutGroup) -> str | None:
+        """None if :meth:`recompute` can use ``group``, else a short reason naming the field. Static: shapes from the
+        UNet's config and the source's image latents, the timesteps against this scheduler's, the DDIM step's own
+        argument checks on zeros; the model never runs (see :mod:`editrl.common.families.check`)."""
+        return first_reason(chain(common_reasons(group, _GROUP_SPEC), self._group_reasons(group)))
+
+    def _group_reasons(self, group: wire.RolloutGroup) -> Iterator[str]:
+        cfg, traj, cond = self.model.config, group.traj, group.cond
+        if group.log_probs.dtype != np.float32:
+            yield f"log_probs dtype {group.log_probs.dtype.name} is not float32"
+        d = cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int) else None  # per-block dims: any
+        yield from shapes_reasons("cond", cond, {"prompt_embeds": [("T", None), ("D", d)]})
+        t = cond["prompt_embeds"].shape
+        yield from shapes_reasons("cond", cond, {"uncond_embeds": [("T", t[0]), ("D", t[1])]})
+        c_img = cfg.in_channels - cfg.out_channels  # the UNet sees cat([x_t, image_latents]) on channels
+        yield from shapes_reasons("cond", cond, {"image_latents": [("C_img", c_img), ("h", None), ("w", None)]})
+        yield from shapes_reasons("cond", cond, {"timesteps": [("N", None)]})
+        (n,), (_, h, w) = cond["timesteps"].shape, cond["image_latents"].shape
+        g, c = group.log_probs.shape[0], cfg.out_channels
+        yield from shapes_reasons("traj", traj, {"latents": [("G", g), ("N+1", n + 1), ("C", c), ("h", h), ("w", w)]})
+        reason = units_reason(group.log_probs, n, f"N = {n} steps in cond['timesteps']")
+        if reason:
+            yield reason
+        timesteps = torch.from_numpy(np.array(cond["timesteps"], dtype=np.int64))
+        try:
+            scheduler = self.scheduler_for(timesteps)
+        except ValueError as exc:
+            yield f"cond['timesteps']: {exc}"
+        zeros = torch.zeros(n, 1)
+        try:
+            ddim_step(scheduler, zeros, timesteps, zeros, float(group.params["eta"]), prev_sample=zeros)
+        except ValueError as exc:
+            yield f"params['eta']: {exc}"
 
 
 def load_instruct_pix2pix(policy_cfg: Any, *, with_pipeline: bool) -> InstructPix2PixPolicy:

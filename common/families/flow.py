@@ -13,9 +13,10 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-__all__ = ["FlowSampler", "STEPS", "flow_sde_step", "flow_cps_step", "sde_window", "work_dtype"]
+__all__ = ["FlowSampler", "STEPS", "flow_sde_step", "flow_cps_step", "schedule_reason", "sde_window", "work_dtype"]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -126,6 +127,26 @@ def flow_cps_step(
 
 
 STEPS = {"sde": flow_sde_step, "cps": flow_cps_step}
+
+
+def schedule_reason(sigmas: np.ndarray, start: int, units: int, sde_type: str, noise_level: float) -> str | None:
+    """None if the stored steps ``start .. start + units - 1`` of ``sigmas`` [N+1] can be recomputed with the
+    ``sde_type`` step at ``noise_level``, else the reason (a static check for ``check_group``: the step's own argument
+    checks run on zeros, the model never does)."""
+    if sde_type not in STEPS:
+        return f"params['sde_type'] = {sde_type!r} is not one of {sorted(STEPS)}"
+    n = sigmas.shape[0] - 1
+    if start < 0 or start + units > n:
+        return f"params['start'] = {start} with {units} trained steps does not fit the {n} steps of cond['sigmas']"
+    used = torch.from_numpy(np.array(sigmas[start : start + units + 1], dtype=np.float32))  # as the recompute reads
+    if not (bool(torch.all(used >= 0)) and bool(torch.all(used <= 1)) and bool(torch.all(used[1:] < used[:-1]))):
+        return f"cond['sigmas'] of the trained steps {used.tolist()} are not strictly decreasing in [0, 1]"
+    zeros = torch.zeros(units, 1)
+    try:
+        STEPS[sde_type](zeros, zeros, used[:-1], used[1:], noise_level, prev_sample=zeros)
+    except ValueError as exc:
+        return f"params['noise_level'] / cond['sigmas']: {exc}"
+    return None
 
 
 def sde_window(num_steps: int, size: int, window_range: tuple[int, int] | None, rng: random.Random) -> tuple[int, int]:

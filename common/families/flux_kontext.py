@@ -14,14 +14,24 @@ import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from editrl.common import wire
 from editrl.common.families.base import Rollout
-from editrl.common.families.flow import STEPS, FlowSampler, _per_sample, sde_window
+from editrl.common.families.check import (
+    FLOATS,
+    GroupSpec,
+    common_reasons,
+    first_reason,
+    shapes_reasons,
+    units_reason,
+)
+from editrl.common.families.flow import STEPS, FlowSampler, _per_sample, schedule_reason, sde_window
 from editrl.common.lora import LoraSpec, add_lora, param_dtype
 
 __all__ = ["GroupCondition", "Trajectory", "FluxKontextPolicy", "flux_schedule", "flux_velocity", "load_flux_kontext"]
@@ -357,6 +367,42 @@ class FluxKontextPolicy:
             )  # fmt: skip
             yield u, log_prob[:, None]
 
+    def check_group(self, group: wire.RolloutGroup) -> str | None:
+        """None if :meth:`recompute` can use ``group``, else a short reason naming the field. Static: shapes from the
+        transformer's config, dtypes, the schedule; the model never runs (see :mod:`editrl.common.families.check`)."""
+        return first_reason(chain(common_reasons(group, _GROUP_SPEC), self._group_reasons(group)))
+
+    def _group_reasons(self, group: wire.RolloutGroup) -> Iterator[str]:
+        cfg, traj, cond, params = self.transformer.config, group.traj, group.cond, group.params
+        dtype = "float64" if self.dtype == torch.float64 else "float32"
+        floats = {"log_probs": group.log_probs, "traj['latents']": traj["latents"]}
+        for label, arr in {**floats, **{f"cond[{k!r}]": cond[k] for k in GroupCondition._FIELDS}}.items():
+            if arr.dtype.name != dtype:
+                yield f"{label} dtype {arr.dtype.name} is not the model's {dtype}"
+        axes, c = len(cfg.axes_dims_rope), cfg.in_channels
+        yield from shapes_reasons("cond", cond, {
+            "prompt_embeds": [("T", None), ("D", cfg.joint_attention_dim)],
+            "pooled_prompt_embeds": [("P", cfg.pooled_projection_dim)],
+            "latent_ids": [("L", None), ("axes", axes)],
+            "image_latents": [("L_img", None), ("C", c)],
+            "sigmas": [("N+1", None)],
+        })  # fmt: skip
+        t, seq, seq_img = (cond[k].shape[0] for k in ("prompt_embeds", "latent_ids", "image_latents"))
+        yield from shapes_reasons("cond", cond, {"text_ids": [("T", t), ("axes", axes)]})
+        yield from shapes_reasons("cond", cond, {"image_ids": [("L_img", seq_img), ("axes", axes)]})
+        g = group.log_probs.shape[0]
+        yield from shapes_reasons("traj", traj, {"latents": [("G", g), ("S+1", None), ("L", seq), ("C", c)]})
+        s = traj["latents"].shape[1] - 1
+        reason = units_reason(group.log_probs, s, f"S+1 = {s + 1} latents in traj['latents']")
+        if reason:
+            yield reason
+        for name in ("height", "width"):
+            if params[name] < 1:
+                yield f"params[{name!r}] = {params[name]} is not a positive size"
+        reason = schedule_reason(cond["sigmas"], int(params["start"]), s, params["sde_type"], params["noise_level"])
+        if reason:
+            yield reason
+
     def shard_units(self) -> list[torch.nn.Module]:
         """The double- and single-stream transformer blocks (FSDP2 units)."""
         return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
@@ -381,6 +427,18 @@ class FluxKontextPolicy:
         z = z / vae.config.scaling_factor + vae.config.shift_factor  # [B, C/4, h, w]
         image = vae.decode(z, return_dict=False)[0]  # [B, 3, H, W] in ~[-1, 1]
         return pipe.image_processor.postprocess(image, output_type="pil")
+
+
+# What FluxKontextPolicy.recompute reads (the shapes and the model dtype are checked by check_group itself).
+_GROUP_SPEC = GroupSpec(
+    family="flow",
+    traj={"latents": FLOATS},
+    cond={**dict.fromkeys(GroupCondition._FIELDS, FLOATS), "sigmas": ("float32",)},
+    params={
+        "noise_level": "number", "guidance": "number", "sde_type": "string", "start": "integer", "height": "integer",
+        "width": "integer",
+    },
+)  # fmt: skip
 
 
 def load_flux_kontext(policy_cfg: Any, *, with_pipeline: bool) -> FluxKontextPolicy:

@@ -45,14 +45,17 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from editrl.common import wire
 from editrl.common.families.base import Rollout
-from editrl.common.families.flow import STEPS, sde_window
+from editrl.common.families.check import GroupSpec, common_reasons, first_reason, shapes_reasons, units_reason
+from editrl.common.families.flow import STEPS, schedule_reason, sde_window
 from editrl.common.families.qwen_image_edit_ops import (
     PIPELINE_CONDITION_AREA,
     QwenEditCondition,
@@ -360,6 +363,58 @@ class QwenImageEditPolicy:
             v = qwen_guided_velocity(model, latents[:, u], timesteps[j], condition, true_cfg_scale)
             _, lp, _, _ = step(latents[:, u], v, sigmas[j], sigmas[j + 1], noise_level, prev_sample=latents[:, u + 1])
             yield u, lp.unsqueeze(1)
+
+    def check_group(self, group: wire.RolloutGroup) -> str | None:
+        """None if :meth:`recompute` can use ``group``, else a short reason naming the field. Static: shapes from the
+        transformer's config and the stored ``img_shapes`` (the target and condition token counts), the schedule,
+        the negative prompt true CFG needs; the model never runs (see :mod:`editrl.common.families.check`)."""
+        return first_reason(chain(common_reasons(group, _GROUP_SPEC), self._group_reasons(group)))
+
+    def _group_reasons(self, group: wire.RolloutGroup) -> Iterator[str]:
+        cfg, traj, cond, params = self.model.config, group.traj, group.cond, group.params
+        if group.log_probs.dtype != np.float32:
+            yield f"log_probs dtype {group.log_probs.dtype.name} is not float32"
+        yield from shapes_reasons("cond", cond, {"img_shapes": [("target, condition", 2), ("(1, h, w)", 3)]})
+        shapes = cond["img_shapes"]
+        if not (np.all(shapes[:, 0] == 1) and np.all(shapes >= 1)):
+            yield f"cond['img_shapes'] {shapes.tolist()} are not rows (1, h, w) with h, w >= 1"
+        seq, seq_img = int(shapes[0, 1] * shapes[0, 2]), int(shapes[1, 1] * shapes[1, 2])
+        c, d, k = cfg.in_channels, cfg.joint_attention_dim, int(params["steps"])
+        yield from shapes_reasons("cond", cond, {"prompt_embeds": [("T", None), ("D", d)]})
+        yield from shapes_reasons("cond", cond, {"prompt_mask": [("T", cond["prompt_embeds"].shape[0])]})
+        if float(params["true_cfg_scale"]) > 1:
+            for name in ("negative_prompt_embeds", "negative_prompt_mask"):
+                if name not in cond:
+                    yield f"cond[{name!r}] is missing (true_cfg_scale {params['true_cfg_scale']} > 1 needs it)"
+            yield from shapes_reasons("cond", cond, {"negative_prompt_embeds": [("T_neg", None), ("D", d)]})
+            t_neg = cond["negative_prompt_embeds"].shape[0]
+            yield from shapes_reasons("cond", cond, {"negative_prompt_mask": [("T_neg", t_neg)]})
+        yield from shapes_reasons("cond", cond, {"image_latents": [("L_img", seq_img), ("C", c)]})
+        g = group.log_probs.shape[0]
+        yield from shapes_reasons("traj", traj, {"latents": [("G", g), ("steps+1", k + 1), ("L", seq), ("C", c)]})
+        reason = units_reason(group.log_probs, k, f"params['steps'] = {k}")
+        if reason:
+            yield reason
+        yield from shapes_reasons("cond", cond, {"timesteps": [("N", None)]})
+        yield from shapes_reasons("cond", cond, {"sigmas": [("N+1", cond["timesteps"].shape[0] + 1)]})
+        reason = schedule_reason(cond["sigmas"], int(params["start"]), k, params["sde_type"], params["noise_level"])
+        if reason:
+            yield reason
+
+
+_F32 = ("float32",)
+# What QwenImageEditPolicy.recompute reads, in the dtypes sample stores (the shapes are checked by check_group itself).
+_GROUP_SPEC = GroupSpec(
+    family="flow",
+    traj={"latents": _F32},
+    cond={
+        "prompt_embeds": _F32, "prompt_mask": _F32, "image_latents": _F32, "img_shapes": ("int64",),
+        "sigmas": _F32, "timesteps": _F32,
+    },
+    params={"noise_level": "number", "true_cfg_scale": "number", "sde_type": "string", "start": "integer",
+            "steps": "integer"},
+    optional_cond={"negative_prompt_embeds": _F32, "negative_prompt_mask": _F32},
+)  # fmt: skip
 
 
 def load_qwen_image_edit(policy_cfg: Any, *, with_pipeline: bool) -> QwenImageEditPolicy:

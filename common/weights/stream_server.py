@@ -219,7 +219,7 @@ class WeightServer:
         try:
             self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)  # requests are tiny; a flood disconnects
-            self._auth = secure_server(self._sock, self._ctx, security)
+            self._auth = secure_server(self._sock, self._ctx, security, roles=False)  # no role authentication here
             if security.curve:
                 self._watch = ServerWatch(self._sock, self._auth)
             self._sock.bind(endpoint)

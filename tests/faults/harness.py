@@ -144,26 +144,44 @@ def check_training(run_dir: Path) -> tuple[list[str], list[str], list[tuple[int,
     return sorted(duplicated), errors, retrained, resumes
 
 
+def _state(status: dict[str, Any]) -> str:
+    """A group's state for the accounting, telling apart the groups a learner quarantined after consuming them."""
+    if status["state"] == "quarantined" and status.get("quarantined_from") == "consumed":
+        return "quarantined_consumed"
+    return status["state"]
+
+
 def check_accounting(counters: dict[str, int], states: dict[str, int]) -> list[str]:
     """The durable counters account for every stored group: one counter per state of the status table.
 
-    ingested = pending + ready + consumed + stale + unscorable + evicted-unconsumed (every stored group is in exactly
-    one state); scored = every group that passed scoring (ready, consumed, stale, evicted from ready); each drop
-    counter equals the number of groups in its state."""
+    ingested = pending + ready + consumed + stale + unscorable + quarantined + evicted-unconsumed (every stored group
+    is in exactly one state); scored = every group that passed scoring (ready, consumed, stale, evicted from ready,
+    and those a learner quarantined after consuming them); each drop counter equals the number of groups in its
+    state."""
     n = Counter(states)
     expect = {
         "ingested": sum(n.values()),
-        "scored": n["ready"] + n["consumed"] + n["stale"] + n["evicted"],
+        "scored": n["ready"] + n["consumed"] + n["stale"] + n["evicted"] + n["quarantined_consumed"],
         "consumed": n["consumed"],
         "dropped_stale": n["stale"],
         "dropped_unscorable": n["unscorable"],
+        "quarantined": n["quarantined"] + n["quarantined_consumed"],
         "evicted_unconsumed": n["evicted"],
     }
     errors = [f"{k} = {counters.get(k, 0)}, but {v} groups by state {dict(n)}" for k, v in expect.items()
               if counters.get(k, 0) != v]  # fmt: skip
     if counters.get("evicted", 0) < counters.get("evicted_unconsumed", 0):
         errors.append(f"evicted {counters.get('evicted')} < evicted_unconsumed {counters.get('evicted_unconsumed')}")
-    unknown = set(n) - {"pending", "ready", "consumed", "stale", "unscorable", "evicted"}
+    unknown = set(n) - {
+        "pending",
+        "ready",
+        "consumed",
+        "stale",
+        "unscorable",
+        "quarantined",
+        "quarantined_consumed",
+        "evicted",
+    }
     if unknown:
         errors.append(f"unknown group states {sorted(unknown)}")
     return errors
@@ -250,7 +268,7 @@ def check_history(run_dir: Path, injected: set[str] | frozenset[str] = frozenset
         g for g in status if (attempts[g] > 1 or g in requeued) and g not in v.lost and g not in injected
     )
     v.counters = snap["counters"]
-    v.states = dict(Counter(st["state"] for st in status.values()))
+    v.states = dict(Counter(_state(st) for st in status.values()))
     v.accounting_errors = check_accounting(v.counters, v.states)
     return v
 
@@ -318,7 +336,8 @@ class FaultRun:
 
     def status_reply(self) -> wire.Status:
         """The broker's live status (StatusRequest over the wire): counters, weights, one row per process."""
-        client = BrokerClient(self.ctx, self.status_endpoint(), "fault-test", timeout_s=2.0)
+        client = BrokerClient(self.ctx, self.status_endpoint(), "fault-test", timeout_s=2.0, security=self.security(),
+                              role="tool")  # fmt: skip
         try:
             return client.request(wire.StatusRequest(new_id()), retries=3)
         finally:
@@ -333,9 +352,17 @@ class FaultRun:
         rows = self.status_reply().processes
         return sum(r.get("in_flight", 0) for r in rows if r["role"] == "scorer" and r["id"] == worker_id)
 
-    def send(self, msg: Any) -> Any:
-        """Send one message to the broker as a client of its own (e.g. an injected group) and return the reply."""
-        client = BrokerClient(self.ctx, self.status_endpoint(), "fault-test", timeout_s=2.0)
+    def security(self) -> Any:
+        """The run's security settings (its role secrets file): what a client of the test's own proves itself with."""
+        from editrl.common.config import load_config
+
+        return load_config(self.topo).security
+
+    def send(self, msg: Any, role: str = "actor") -> Any:
+        """Send one message to the broker as a client of its own with ``role`` (e.g. an injected group as an actor)
+        and return the reply."""
+        client = BrokerClient(self.ctx, self.status_endpoint(), "fault-test", timeout_s=2.0, security=self.security(),
+                              role=role)  # fmt: skip
         try:
             return client.request(msg, retries=5)
         finally:

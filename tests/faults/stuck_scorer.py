@@ -1,6 +1,6 @@
 """A scorer that announces itself and heartbeats but never answers a job (a hung judge), as a real process.
 
-python stuck_scorer.py ENDPOINT WORKER_ID
+python stuck_scorer.py TOPOLOGY WORKER_ID   (the broker endpoint and the role secret come from the topology)
 """
 
 import sys
@@ -9,15 +9,18 @@ import time
 import zmq
 
 from editrl.common import codec, wire
+from editrl.common.config import load_config
 from editrl.common.net import harden
+from editrl.common.security import secure_client
 
 
 def main() -> None:
-    endpoint, worker_id = sys.argv[1], sys.argv[2]
+    cfg, worker_id = load_config(sys.argv[1]), sys.argv[2]
     ctx = zmq.Context()
     sock = harden(ctx.socket(zmq.DEALER))
     sock.setsockopt(zmq.ROUTING_ID, worker_id.encode())
-    sock.connect(endpoint)
+    secure_client(sock, cfg.security, "scorer")
+    sock.connect(cfg.broker.endpoint)
     sock.send_multipart(codec.encode(wire.ScorerReady(worker_id, "metric", 1)))
     while True:
         sock.send_multipart(codec.encode(wire.Heartbeat(worker_id)))

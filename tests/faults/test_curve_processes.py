@@ -28,8 +28,10 @@ def _topology(path: Path, base: dict, security: dict) -> Path:
 @pytest.fixture
 def curve_setup(tmp_path, quickstart_tasks):
     keys = tmp_path / "keys"
-    subprocess.run([*EDITRL, "keys", str(keys), "--clients", "scorer,ops,rogue"], check=True, capture_output=True)
-    (keys / "allowed" / "rogue.key").unlink()  # rogue has a key pair but is not on the allowlist
+    subprocess.run(
+        [*EDITRL, "keys", str(keys), "--clients", "scorer,tool-ops,tool-rogue"], check=True, capture_output=True
+    )
+    (keys / "allowed" / "tool-rogue.key").unlink()  # rogue has a key pair but is not on the allowlist
     base = {
         "run": {"dir": str(tmp_path / "run")},
         "broker": {"endpoint": f"tcp://127.0.0.1:{free_port()}"},
@@ -65,7 +67,7 @@ def _status(topo: Path, timeout_s: float = 20) -> subprocess.CompletedProcess:
 
 def test_allowlisted_clients_work_and_rogue_ones_exit_fast(curve_setup):
     tmp_path, base, client, keys, env = curve_setup
-    ops = _topology(tmp_path / "ops.yaml", base, client("ops"))
+    ops = _topology(tmp_path / "ops.yaml", base, client("tool-ops"))
     deadline = time.monotonic() + 20
     while (ok := _status(ops)).returncode != 0 and time.monotonic() < deadline:
         time.sleep(0.5)  # the broker is starting
@@ -83,8 +85,8 @@ def test_allowlisted_clients_work_and_rogue_ones_exit_fast(curve_setup):
         scorer.wait(timeout=30)
 
     cases = {
-        "not allowlisted": client("rogue"),
-        "wrong server key": client("ops", server_public_key=str(keys / "clients" / "rogue.key")),
+        "not allowlisted": client("tool-rogue"),
+        "wrong server key": client("tool-ops", server_public_key=str(keys / "clients" / "tool-rogue.key")),
         "plaintext": {"curve": False},
     }
     for what, security in cases.items():
@@ -103,9 +105,9 @@ def test_allowlisted_clients_work_and_rogue_ones_exit_fast(curve_setup):
 def test_secret_key_readable_by_others_is_a_config_error(curve_setup):
     tmp_path, base, client, keys, env = curve_setup
     leaked = tmp_path / "leaked.key_secret"
-    shutil.copy(keys / "clients" / "ops.key_secret", leaked)
+    shutil.copy(keys / "clients" / "tool-ops.key_secret", leaked)
     os.chmod(leaked, 0o644)
-    topo = _topology(tmp_path / "leak.yaml", base, client("ops", client_secret_key=str(leaked)))
+    topo = _topology(tmp_path / "leak.yaml", base, client("tool-ops", client_secret_key=str(leaked)))
     proc = subprocess.run([*EDITRL, "scorer", "--config", str(topo)], env=env, capture_output=True, text=True,
                           timeout=30)  # fmt: skip
     assert proc.returncode == 2 and "security.client_secret_key" in proc.stderr, proc.stderr

@@ -32,7 +32,9 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from editrl.common import codec, wire
+from editrl.common.config import load_config
 from editrl.common.net import harden
+from editrl.common.security import secure_client
 from editrl.common.tasks import make_quickstart_tasks
 
 from ..integration.conftest import free_port
@@ -87,6 +89,7 @@ class BrokerProc:
     endpoint: str
     run_dir: Path
     stderr_path: Path
+    security: Any = None  # the topology's (its role secrets): every test socket proves a role
     note: str = ""  # what the oracle already found (shown when the broker dies)
 
     def stderr_tail(self, n: int = 4000) -> str:
@@ -107,17 +110,20 @@ def broker_proc(tmp_path):
             stderr=err,
         )
     try:
-        yield BrokerProc(proc, endpoint, tmp_path / "run", stderr_path)
+        yield BrokerProc(proc, endpoint, tmp_path / "run", stderr_path, load_config(topo).security)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
 
 
-def _dealer(ctx: zmq.Context, endpoint: str, name: str) -> zmq.Socket:
+def _dealer(ctx: zmq.Context, broker: BrokerProc, name: str, role: str) -> zmq.Socket:
+    """A DEALER proving ``role`` with the run's secret. The fuzzers are learners: a malformed frame is refused by
+    the decoder before any role check, and the one category the decoder accepts (bad weights) is a learner's."""
     sock = harden(ctx.socket(zmq.DEALER))
     sock.setsockopt(zmq.ROUTING_ID, name.encode())
-    sock.connect(endpoint)
+    secure_client(sock, broker.security, role)
+    sock.connect(broker.endpoint)
     return sock
 
 
@@ -594,7 +600,7 @@ def build_corpus(seed: int = SEED, n: int = N_MESSAGES) -> list[Case]:
 
 def _send_oversized(ctx: zmq.Context, broker: BrokerProc, case: Case, i: int) -> None:
     """One oversized frame on a throwaway socket; waits until the broker's ZeroMQ has cut the connection."""
-    sock = _dealer(ctx, broker.endpoint, f"oversized-{i}")
+    sock = _dealer(ctx, broker, f"oversized-{i}", "learner")
     monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     try:
         sock.send_multipart(case.frames, copy=False)
@@ -622,7 +628,7 @@ def test_broker_survives_and_counts_10k_malformed_messages(broker_proc):
 
     ctx = zmq.Context()
     try:
-        probe = _dealer(ctx, broker_proc.endpoint, "probe")
+        probe = _dealer(ctx, broker_proc, "probe", "tool")
         deadline = time.monotonic() + 30
         while True:  # up: answers a StatusRequest
             assert broker_proc.proc.poll() is None, f"broker exited at start-up:\n{broker_proc.stderr_tail()}"
@@ -633,7 +639,7 @@ def test_broker_survives_and_counts_10k_malformed_messages(broker_proc):
             assert time.monotonic() < deadline, f"broker not answering after 30 s:\n{broker_proc.stderr_tail()}"
         assert before == {}
 
-        fuzzers = [_dealer(ctx, broker_proc.endpoint, f"fuzz-{i}") for i in range(N_FUZZ_SOCKETS)]
+        fuzzers = [_dealer(ctx, broker_proc, f"fuzz-{i}", "learner") for i in range(N_FUZZ_SOCKETS)]
         oversized = [c for c in corpus if c.throwaway]
         regular = [c for c in corpus if not c.throwaway]
         for i, case in enumerate(oversized):
@@ -646,7 +652,7 @@ def test_broker_survives_and_counts_10k_malformed_messages(broker_proc):
             _ask(sock, wire.StatusRequest(f"sync-{n_chunk}"), broker_proc)
 
         assert broker_proc.proc.poll() is None, f"broker died:\n{broker_proc.stderr_tail()}"
-        actor = _dealer(ctx, broker_proc.endpoint, "actor")
+        actor = _dealer(ctx, broker_proc, "actor", "actor")
         status = _ask(actor, wire.StatusRequest("final"), broker_proc)
         lease = _ask(actor, wire.LeaseRequest("a0", "lease-after-fuzz"), broker_proc)
         assert isinstance(lease, wire.Lease), lease

@@ -84,10 +84,11 @@ def test_a_group_trained_on_two_ranks_is_a_duplicate(tmp_path):
 
 
 def test_counters_must_account_for_every_group():
-    states = {"consumed": 5, "stale": 1, "unscorable": 1, "pending": 1, "ready": 2}
-    good = {"ingested": 10, "scored": 8, "consumed": 5, "dropped_stale": 1, "dropped_unscorable": 1,
-            "evicted": 0, "evicted_unconsumed": 0}  # fmt: skip
+    states = {"consumed": 5, "stale": 1, "unscorable": 1, "pending": 1, "ready": 2, "quarantined": 1,
+              "quarantined_consumed": 1}  # fmt: skip
+    good = {"ingested": 12, "scored": 9, "consumed": 5, "dropped_stale": 1, "dropped_unscorable": 1,
+            "quarantined": 2, "evicted": 0, "evicted_unconsumed": 0}  # fmt: skip
     assert check_accounting(good, states) == []
-    for key in ("ingested", "consumed", "dropped_stale", "dropped_unscorable", "scored"):
+    for key in ("ingested", "consumed", "dropped_stale", "dropped_unscorable", "scored", "quarantined"):
         assert check_accounting({**good, key: good[key] + 1}, states), key
     assert check_accounting({**good, "evicted_unconsumed": 1}, states)

@@ -76,13 +76,19 @@ def _hold_a_job(run: FaultRun, name: str) -> None:
     run.wait_for(lambda: run.jobs_on(name) >= 1, 30, f"a job in flight on stopped {name}")
 
 
+def _lease(run: FaultRun) -> wire.Lease | None:
+    reply = run.send(wire.LeaseRequest("fault-test", new_id()))
+    return reply if isinstance(reply, wire.Lease) else None
+
+
 def _inject_unscorable_group(run: FaultRun) -> str:
     """Store one group the metric judge cannot score (its instruction names no measurable target), as an actor of the
     test's own: the broker requeues it once, then drops it (``dropped_unscorable`` + 1). Returns its group id."""
     png = to_png(Image.new("RGB", (16, 16), (90, 120, 150)))
     gid = new_id()
+    lease = run.wait_for(lambda: _lease(run), 60, "a lease for the injected group")  # a group claims a lease of ours
     group = wire.RolloutGroup(
-        request_id=new_id(), group_id=gid, lease_id="injected-" + gid, task_id="injected", actor_id="fault-test",
+        request_id=new_id(), group_id=gid, lease_id=lease.lease_id, task_id=lease.task_id, actor_id="fault-test",
         policy_version=0, instruction="Make it look nicer.", task_type="other", source_png=png, edit_pngs=[png, png],
         family="flow", traj={"latents": np.zeros((2, 3), np.float32)}, log_probs=np.zeros((2, 1), np.float32),
         cond={}, params={},
@@ -110,7 +116,7 @@ def scorer_faults(tmp_path_factory, tiny_model_dir, quickstart_tasks):
         run.wait_for(lambda: run.events("broker-*", "score_requeued"), 30, "the dead scorer's job to be requeued")
         run.wait_steps(run.steps() + 2)  # the restarted scorer scores again
         stuck = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("stuck_scorer.py")), run.status_endpoint(), "scorer-stuck"]
+            [sys.executable, str(Path(__file__).with_name("stuck_scorer.py")), str(run.topo), "scorer-stuck"]
         )
         run.wait_for(lambda: run.events("broker-*", "scorer_quarantined"), 60, "scorer-stuck to be quarantined")
         assert run.steps() < SCORER_STEPS, "the run ended before the stuck scorer was quarantined"

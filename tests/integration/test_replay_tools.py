@@ -161,7 +161,7 @@ def test_stats_match_the_store_counters(replay_run, replay_cmd):
     assert states["ready"] == c["scored"] - c["consumed"] - c["dropped_stale"] - c["evicted_unconsumed"]
     assert states["pending"] == c["ingested"] - c["scored"] - c["dropped_unscorable"]
     assert stats["drops"] == {"stale": c["dropped_stale"], "unscorable": c["dropped_unscorable"],
-                              "duplicates": c["duplicate_groups"]}  # fmt: skip
+                              "quarantined": c["quarantined"], "duplicates": c["duplicate_groups"]}  # fmt: skip
     assert stats["evictions"] == {"evicted": c["evicted"], "evicted_unconsumed": c["evicted_unconsumed"]}
     assert stats["records_stored"] == len(replay_run.records) == c["ingested"] - c["evicted"] == CAPACITY
     assert stats["evicted_records"] == c["evicted"] > 0

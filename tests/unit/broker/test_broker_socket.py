@@ -1,6 +1,8 @@
 """The broker over a real ROUTER socket on 127.0.0.1 with real LMDB, driven by DEALER clients speaking the wire
 protocol (actor, scorer and learner stand-ins: the real processes are exercised in tests/integration)."""
 
+import contextlib
+import dataclasses
 import threading
 import time
 
@@ -8,31 +10,45 @@ import numpy as np
 import pytest
 import structlog
 import zmq
+from PIL import Image
 
+from editrl.broker.admission import GroupRules
 from editrl.broker.server import Broker
 from editrl.broker.store import ReplayStore
 from editrl.common import codec, wire
+from editrl.common.images import to_png
 from editrl.common.net import harden
 from editrl.common.tasks import Task
 
 TASKS = [Task(f"t{i}", "make it red", (f"/nonexistent/{i}.png",), "color_alter") for i in range(3)]
 
 
-@pytest.fixture
-def broker(tmp_path):
+PNG = to_png(Image.new("RGB", (16, 16), (200, 30, 30)))
+
+
+@contextlib.contextmanager
+def _running_broker(tmp_path, **kwargs):
     ctx = zmq.Context()
     store = ReplayStore(tmp_path / "replay", capacity=100)
     b = Broker("tcp://127.0.0.1:0", store, TASKS, groups_per_step=2, max_staleness=1, log=structlog.get_logger(),
-               ctx=ctx)  # fmt: skip
+               ctx=ctx, **kwargs)  # fmt: skip
     stop = threading.Event()
     thread = threading.Thread(target=b.run, args=(stop.is_set,), daemon=True)
     thread.start()
-    yield b, ctx
-    stop.set()
-    thread.join(5)
-    b.close()
-    store.close()
-    ctx.destroy(linger=0)
+    try:
+        yield b, ctx
+    finally:
+        stop.set()
+        thread.join(5)
+        b.close()
+        store.close()
+        ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    with _running_broker(tmp_path) as running:
+        yield running
 
 
 def _dealer(ctx, endpoint, name):
@@ -48,11 +64,11 @@ def _ask(sock, msg, timeout_ms=5000):
     return codec.decode(sock.recv_multipart())
 
 
-def _group(lease, gid, version=0):
+def _group(lease, gid, version=0, actor_id="a0"):
     return wire.RolloutGroup(
-        request_id=f"req-{gid}", group_id=gid, lease_id=lease.lease_id, task_id=lease.task_id, actor_id="a0",
-        policy_version=version, instruction=lease.instruction, task_type=lease.task_type, source_png=b"src",
-        edit_pngs=[b"e0", b"e1"], family="flow", traj={"latents": np.zeros((2, 3, 4, 2), np.float32)},
+        request_id=f"req-{gid}", group_id=gid, lease_id=lease.lease_id, task_id=lease.task_id, actor_id=actor_id,
+        policy_version=version, instruction=lease.instruction, task_type=lease.task_type, source_png=PNG,
+        edit_pngs=[PNG, PNG], family="flow", traj={"latents": np.zeros((2, 3, 4, 2), np.float32)},
         log_probs=np.zeros((2, 2), np.float32), cond={"c": np.ones(3, np.float32)}, params={"noise_level": 0.7},
     )  # fmt: skip
 
@@ -68,7 +84,7 @@ def test_lease_ingest_score_sample_round_trip(broker):
 
     scorer = _dealer(ctx, b.endpoint, "scorer")
     job = _ask(scorer, wire.ScorerReady("s0", "metric", 1))
-    assert isinstance(job, wire.ScoreJob) and job.group_id == "g1" and job.edit_pngs == [b"e0", b"e1"]
+    assert isinstance(job, wire.ScoreJob) and job.group_id == "g1" and job.edit_pngs == [PNG, PNG]
     result = wire.ScoreResult(job.job_id, "g1", "s0", [True, True], [2.0, 6.0], [{}, {}], ["", ""])
     scorer.send_multipart(codec.encode(result))
     scorer.send_multipart(codec.encode(result))  # a late duplicate result is ignored
@@ -183,3 +199,147 @@ def test_bad_ids_and_mismatched_results_are_rejected_not_fatal(broker):
     assert counters["rejected/bad_id"] == 1 and counters["rejected/result_size"] == 1
     assert counters["rejected/result_unknown_group"] == 1 and counters["storage_ok"] == 1
     assert isinstance(_ask(actor, wire.LeaseRequest("a0", "l2")), wire.Lease)
+
+
+def _counters(sock):
+    return _ask(sock, wire.StatusRequest("st-" + str(time.monotonic()))).counters
+
+
+def _wait_for(fn, what, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not (value := fn()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return value
+
+
+def test_a_group_must_claim_a_lease_issued_to_its_actor_for_its_task(broker):
+    b, ctx = broker
+    actor = _dealer(ctx, b.endpoint, "actor")
+    lease, other = _ask(actor, wire.LeaseRequest("a0", "l1")), _ask(actor, wire.LeaseRequest("a0", "l2"))
+    forged = [
+        (_group(wire.Lease("x", "never-issued", "t0", "i", "t", [], {}), "g-unknown"), "unknown_lease"),
+        (_group(lease, "g-other-actor", actor_id="a9"), "lease_of_another_actor"),
+        (dataclasses.replace(_group(lease, "g-other-task"), task_id=other.task_id), "lease_of_another_task"),
+    ]
+    for group, reason in forged:
+        ack = _ask(actor, group)
+        assert not ack.ok and ack.detail.startswith(f"rejected: {reason}"), ack
+    assert _ask(actor, _group(lease, "g1")).detail == "stored"
+    assert _ask(actor, _group(lease, "g1")).detail == "duplicate"  # a resend is still acknowledged
+    second = _ask(actor, _group(lease, "g2"))  # a second group on a used lease
+    assert not second.ok and second.detail.startswith("rejected: lease_closed"), second
+    c = _counters(actor)
+    assert c["ingested"] == 1 and c["duplicate_groups"] == 1
+    assert {k: v for k, v in c.items() if k.startswith("rejected/")} == {
+        "rejected/unknown_lease": 1, "rejected/lease_of_another_actor": 1, "rejected/lease_of_another_task": 1,
+        "rejected/lease_closed": 1,
+    }  # fmt: skip
+
+
+def test_nonsense_groups_are_refused_and_give_their_lease_back(tmp_path):
+    with _running_broker(tmp_path, rules=GroupRules(max_group_size=2, family="flow")) as (b, ctx):
+        actor = _dealer(ctx, b.endpoint, "actor")
+        cases = [
+            (lambda lease: _group(lease, "g-future", version=10**12), "version_not_published"),
+            (
+                lambda lease: dataclasses.replace(
+                    _group(lease, "g-3"),
+                    edit_pngs=[PNG] * 3,
+                    log_probs=np.zeros((3, 2), np.float32),
+                    traj={"latents": np.zeros((3, 2), np.float32)},
+                ),
+                "bad_group_size",
+            ),  # G > group_size
+            (lambda lease: dataclasses.replace(_group(lease, "g-ar"), family="ar"), "wrong_family"),
+            (lambda lease: dataclasses.replace(_group(lease, "g-txt"), edit_pngs=[b"a", b"b"]), "not_png"),
+        ]
+        for make, reason in cases:
+            lease = _ask(actor, wire.LeaseRequest("a0", f"lease-{reason}"))
+            assert isinstance(lease, wire.Lease)
+            ack = _ask(actor, make(lease))
+            assert not ack.ok and ack.detail.startswith(f"rejected: {reason}"), ack
+            assert _counters(actor)["leases"] == 0  # the refused group's lease is closed: its slot is free again
+            again = _ask(actor, _group(lease, "g-late"))
+            assert not again.ok and again.detail.startswith("rejected: lease_closed")
+        assert b.store.get_lease(lease.lease_id)["closed"] == "rejected:not_png"
+
+
+def _score(scorer, job, worker_id, value=5.0):
+    n = len(job.edit_pngs)
+    scorer.send_multipart(codec.encode(wire.ScoreResult(job.job_id, job.group_id, worker_id, [True] * n,
+                                                        [value] * n, [{}] * n, [""] * n)))  # fmt: skip
+
+
+def test_a_job_that_fails_on_every_scorer_is_quarantined_and_no_scorer_is_blamed(tmp_path):
+    with _running_broker(tmp_path, score_deadline_s=0.3, max_job_attempts=2) as (b, ctx):
+        actor = _dealer(ctx, b.endpoint, "actor")
+        scorers = {name: _dealer(ctx, b.endpoint, name) for name in ("s1", "s2")}
+        lease = _ask(actor, wire.LeaseRequest("a0", "l1"))
+        assert _ask(actor, _group(lease, "poison")).ok
+        held = []
+        deadline = time.monotonic() + 10
+        while b.store.get_status("poison")["state"] == "pending":  # both scorers take it and never answer
+            assert time.monotonic() < deadline, b.counters()
+            for name, sock in scorers.items():
+                sock.send_multipart(codec.encode(wire.ScorerReady(name, "m", 1)))  # alive, same socket
+                while sock.poll(20):
+                    held.append((name, codec.decode(sock.recv_multipart())))
+            time.sleep(0.05)
+        status = b.store.get_status("poison")
+        assert status["state"] == "quarantined" and "failed 2 times" in status["reason"], status
+        assert sorted({name for name, _ in held}) == ["s1", "s2"]
+        c = _counters(actor)
+        assert c["quarantined"] == 1 and c["scorers_live"] == 2 and c.get("scorers_quarantined", 0) == 0
+        lease2 = _ask(actor, wire.LeaseRequest("a0", "l2"))  # the quarantined group gave its admission slot back
+        assert isinstance(lease2, wire.Lease)
+        name, job = held[-1]
+        _score(scorers[name], job, name)  # a late answer for the quarantined group changes nothing
+        _wait_for(lambda: _counters(actor).get("duplicate_results") == 1, "the late result counted as duplicate")
+        assert b.store.get_status("poison")["state"] == "quarantined"
+
+
+def test_groups_the_learner_refuses_are_quarantined_and_its_batch_is_topped_up(broker):
+    b, ctx = broker
+    actor, scorer, learner = (_dealer(ctx, b.endpoint, n) for n in ("actor", "scorer", "learner"))
+    for gid in ("g1", "g2", "g3"):
+        lease = _ask(actor, wire.LeaseRequest("a0", f"l-{gid}"))
+        assert _ask(actor, _group(lease, gid)).ok
+        _score(scorer, _ask(scorer, wire.ScorerReady("s0", "m", 1)), "s0")
+        _wait_for(lambda gid=gid: b.store.get_status(gid)["state"] == "ready", f"{gid} scored")
+    batch = _ask(learner, wire.SampleRequest("s1", 0, 1, 0, 2, 0))
+    got = [codec.decode(codec.decode_record(r)).group_id for r in batch.groups]
+    assert got == ["g1", "g2"]
+    ack = _ask(learner, wire.RejectGroups("rj", 0, 1, ["g1"], ["traj['latents'] shape (2, 3) is not usable"]))
+    assert ack.ok and ack.detail == "quarantined"
+    assert _ask(learner, wire.RejectGroups("rj", 0, 1, ["g1"], ["again"])).ok  # a resend changes nothing
+    top_up = _ask(learner, wire.SampleRequest("s2", 0, 1, 1, 1, 0))  # holds g2; asks for the one it is missing
+    assert [codec.decode(codec.decode_record(r)).group_id for r in top_up.groups] == ["g3"]
+    assert b.store.batch_assignment(0, 1) == ["g2", "g3"]
+    status = b.store.get_status("g1")
+    assert status["state"] == "quarantined" and status["reason"].startswith("learner: traj") and status["rewards"]
+    c = _counters(learner)
+    assert c["consumed"] == 2 and c["quarantined"] == 1
+    bad = _ask(learner, wire.RejectGroups("rj2", 0, 1, ["g2"], []))
+    assert not bad.ok and bad.detail.startswith("rejected: bad_reject")
+
+
+def test_weights_move_forward_one_version_and_a_resend_is_acknowledged(tmp_path):
+    rules = GroupRules(weights_dir=tmp_path / "weights")
+    with _running_broker(tmp_path, rules=rules) as (b, ctx):
+        learner = _dealer(ctx, b.endpoint, "learner")
+
+        def publish(rid, version, uri):
+            info = wire.WeightsInfo(version=version, uri=str(uri), sha256="ab", kind="lora")
+            return _ask(learner, wire.PublishWeights(rid, version, wire.weights_dict(info)))
+
+        for rid, version, uri, reason in [
+            ("p0", 10**6, tmp_path / "weights" / "v1000000", "version_not_next"),
+            ("p1", 1, "/etc/passwd", "weights_uri"),
+        ]:
+            ack = publish(rid, version, uri)
+            assert not ack.ok and ack.detail.startswith(f"rejected: {reason}") and ack.weights["version"] == 0
+        good = tmp_path / "weights" / "v000001"
+        assert publish("p2", 1, good).ok and publish("p2", 1, good).ok  # the resend after a lost ack
+        assert not publish("p3", 1, tmp_path / "weights" / "other").ok  # same number, other weights
+        assert _counters(learner)["weights_version"] == 1
