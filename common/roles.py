@@ -29,6 +29,7 @@ Guarantees and failure model
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import os
@@ -51,6 +52,7 @@ __all__ = [
     "default_secrets_file",
     "key_roles",
     "peer_role",
+    "role_keys",
     "role_of_key_name",
     "role_secrets",
 ]
@@ -82,6 +84,16 @@ def peer_role(frame: zmq.Frame) -> str:
     if isinstance(user_id, bytes):
         user_id = user_id.decode("utf-8", "replace")
     return user_id if user_id in ROLES else ""
+
+
+def role_keys(cfg: Any, role: str) -> Any:
+    """``cfg`` (a SecurityConfig) with ``{role}`` in its client key paths replaced by ``role``: one topology file
+    serves every role of a one-host ``editrl up`` with CURVE (``clients/{role}.key`` → ``clients/actor.key``, ...).
+    Unchanged when the paths name one key (a process with a topology file of its own) or ``role`` is no role."""
+    if role not in ROLES or "{role}" not in cfg.client_public_key + cfg.client_secret_key:
+        return cfg
+    return dataclasses.replace(cfg, client_public_key=cfg.client_public_key.replace("{role}", role),
+                               client_secret_key=cfg.client_secret_key.replace("{role}", role))  # fmt: skip
 
 
 # -- loopback: per-run role secrets -------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from editrl.common.roles import RoleAuthenticator, check_role, key_roles, peer_role, role_secrets
+from editrl.common.roles import RoleAuthenticator, check_role, key_roles, peer_role, role_keys, role_secrets
 
 __all__ = [
     "HandshakeError",
@@ -102,8 +102,6 @@ _ZAP_STATUS = {
 
 
 # -- configuration ------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class SecurityConfig:
     """The ``security`` section of the topology file. All paths are certificate files written by
@@ -116,8 +114,8 @@ class SecurityConfig:
     curve: bool = False  # CURVE encryption and the client allowlist on every socket (multi-host)
     server_public_key: str = ""  # broker's public cert: every process needs it
     server_secret_key: str = ""  # broker's secret cert (mode 0600): the broker only
-    client_public_key: str = ""  # this process's public cert: clients only
-    client_secret_key: str = ""  # this process's secret cert (mode 0600): clients only
+    client_public_key: str = ""  # this process's public cert: clients only; "{role}" = the process's role
+    client_secret_key: str = ""  # its secret cert (0600); "{role}" lets one topology serve every role (editrl up)
     allowed_clients_dir: str = ""  # directory of allowed client public certs (*.key): the broker only, non-empty
     role_secrets_file: str = ""  # per-run role secrets (0600) when curve is off; "" = secrets/roles.json in run.dir
 
@@ -147,12 +145,13 @@ class SecurityConfig:
                 )
             _allowlist(self.allowed_clients_dir)
         else:
-            client_pub = _public_key("client_public_key", self.client_public_key)
-            pub, _ = _secret_pair("client_secret_key", self.client_secret_key)
+            keys = role_keys(self, role)  # "{role}" in a client key path: this role's own key
+            client_pub = _public_key("client_public_key", keys.client_public_key)
+            pub, _ = _secret_pair("client_secret_key", keys.client_secret_key)
             if pub != client_pub:
                 raise ValueError(
-                    f"security.client_public_key: {self.client_public_key} does not hold the public key of "
-                    f"security.client_secret_key ({self.client_secret_key})"
+                    f"security.client_public_key: {keys.client_public_key} does not hold the public key of "
+                    f"security.client_secret_key ({keys.client_secret_key})"
                 )
 
 
@@ -270,6 +269,7 @@ def secure_client(sock: zmq.Socket, cfg: SecurityConfig, role: str | None = None
             sock.plain_password = role_secrets(cfg.role_secrets_file)[role].encode()
         return
     _require_unconnected(sock, "secure_client")
+    cfg = role_keys(cfg, role or "")
     cfg.validate(role or "client")
     server_pub = _public_key("server_public_key", cfg.server_public_key)
     pub, secret = _secret_pair("client_secret_key", cfg.client_secret_key)

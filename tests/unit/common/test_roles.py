@@ -7,6 +7,7 @@ Each test owns one ``zmq.Context``; every watch, socket and authenticator is clo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -295,6 +296,27 @@ def test_curve_key_maps_to_its_role(ctx: zmq.Context, tmp_path: Path) -> None:
         for name, sock, watch in clients:
             _deliver(sock, watch, router, name.encode())
             assert router.received[-1] == (names[name], names[name], name.encode()), name  # the key's role, not "tool"
+    finally:
+        for _, sock, watch in clients:
+            watch.close()
+            sock.close(linger=0)
+        router.close()
+
+
+def test_one_topology_serves_every_role_with_role_keys(ctx: zmq.Context, tmp_path: Path) -> None:
+    """``{role}`` in the client key paths (one topology file for `editrl up` on one host with CURVE): each process
+    loads its own role's key, and the broker sees that role."""
+    keys = generate_layout(tmp_path / "keys", list(ROLES))
+    shared = dataclasses.replace(keys.client_config("actor"), client_public_key=str(keys.root / "clients" / "{role}.key"),
+                                 client_secret_key=str(keys.root / "clients" / "{role}.key_secret"))  # fmt: skip
+    for role in ROLES:
+        shared.validate(role)  # what each process checks at start-up: its own key pair
+    router = Router(ctx, keys.broker_config())
+    clients = [(role, *_client(ctx, shared, router.endpoint, role)) for role in ROLES]
+    try:
+        for role, sock, watch in clients:
+            _deliver(sock, watch, router, role.encode())
+            assert router.received[-1][:2] == (role, role), role
     finally:
         for _, sock, watch in clients:
             watch.close()
