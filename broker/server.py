@@ -205,7 +205,8 @@ class Broker:
                 self.processes.seen(msg, _peer_host(payload[0]))
                 role = peer_role(payload[0])
                 try:
-                    if (role or self.roles_enforced) and role not in ROLES.get(type(msg), ()):
+                    allowed = ROLES.get(type(msg))  # None: no peer sends it (a reply type): unexpected_type below
+                    if allowed is not None and (role or self.roles_enforced) and role not in allowed:
                         raise Refused("role_forbidden", f"{type(msg).__name__} from a {role or 'peer without a role'}")
                     self._classify(identity, msg, turn)
                 except wire.WireError as exc:  # valid framing, invalid content (e.g. a bad weights map)

@@ -32,7 +32,7 @@ def setup_logging(role: str, proc_id: int | str, run_dir: str | Path | None, con
     root = logging.getLogger()
     root.handlers[:] = handlers
     root.setLevel(logging.DEBUG)
-    for noisy in ("urllib3", "filelock", "PIL", "matplotlib", "torch.distributed", "h5py"):
+    for noisy in ("urllib3", "filelock", "PIL", "matplotlib", "torch.distributed", "h5py", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     structlog.configure(
         processors=[

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import json
+import logging
 import os
 import secrets
 import stat
@@ -53,6 +54,7 @@ __all__ = [
     "key_roles",
     "peer_role",
     "role_keys",
+    "zap_logger",
     "role_of_key_name",
     "role_secrets",
 ]
@@ -84,6 +86,15 @@ def peer_role(frame: zmq.Frame) -> str:
     if isinstance(user_id, bytes):
         user_id = user_id.decode("utf-8", "replace")
     return user_id if user_id in ROLES else ""
+
+
+def zap_logger(name: str) -> logging.Logger:
+    """The ZAP authenticator's stdlib logger: WARNING and up unless configured (pyzmq logs "Starting" at INFO and every
+    ALLOWED/DENIED at DEBUG, which would land in a role's JSON log as events of their own)."""
+    log = logging.getLogger(name)
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.WARNING)
+    return log
 
 
 def role_keys(cfg: Any, role: str) -> Any:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import logging
 import stat
 import time
 from dataclasses import dataclass
@@ -61,7 +60,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from editrl.common.roles import RoleAuthenticator, check_role, key_roles, peer_role, role_keys, role_secrets
+from editrl.common.roles import RoleAuthenticator, check_role, key_roles, peer_role, role_keys, role_secrets, zap_logger
 
 __all__ = [
     "HandshakeError",
@@ -231,7 +230,7 @@ def secure_server(
         return None
     _require_unconnected(sock, "secure_server")
     cfg.validate("broker")
-    zap_log = logging.getLogger(ZAP_LOGGER)
+    zap_log = zap_logger(ZAP_LOGGER)
     if not roles:
         auth = ThreadAuthenticator(ctx, log=zap_log)
     elif plain:
