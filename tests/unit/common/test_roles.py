@@ -101,20 +101,30 @@ def _roles_cfg(tmp_path: Path) -> SecurityConfig:
 # -- role secrets (loopback, no curve) ----------------------------------------------------------------------------
 
 
-def test_every_message_carries_its_senders_role(ctx: zmq.Context, tmp_path: Path) -> None:
-    cfg = _roles_cfg(tmp_path)
-    assert cfg.roles_enforced
-    router = Router(ctx, cfg)
-    clients = [(role, *_client(ctx, cfg, router.endpoint, role)) for role in ROLES]
+def _roles_seen(ctx: zmq.Context, server: SecurityConfig, clients: dict[str, tuple[SecurityConfig, str]]) -> dict:
+    """Each client (name → (its config, the role it claims)) sends its name; the role the router saw on each frame of
+    it (the first and the last frame must agree), by name."""
+    router = Router(ctx, server)
+    socks = {name: _client(ctx, cfg, router.endpoint, role) for name, (cfg, role) in clients.items()}
+    seen = {}
     try:
-        for role, sock, watch in clients:
-            _deliver(sock, watch, router, f"from {role}".encode())
-            assert router.received[-1] == (role, role, f"from {role}".encode())
+        for name, (sock, watch) in socks.items():
+            _deliver(sock, watch, router, name.encode())
+            first, last, body = router.received[-1]
+            assert body == name.encode() and first == last, router.received[-1]
+            seen[name] = first
     finally:
-        for _, sock, watch in clients:
+        for sock, watch in socks.values():
             watch.close()
             sock.close(linger=0)
         router.close()
+    return seen
+
+
+def test_every_message_carries_its_senders_role(ctx: zmq.Context, tmp_path: Path) -> None:
+    cfg = _roles_cfg(tmp_path)
+    assert cfg.roles_enforced
+    assert _roles_seen(ctx, cfg, {f"from {r}": (cfg, r) for r in ROLES}) == {f"from {r}": r for r in ROLES}
 
 
 def test_broker_client_says_its_role(ctx: zmq.Context, tmp_path: Path) -> None:
@@ -290,17 +300,8 @@ def test_role_of_key_name() -> None:
 def test_curve_key_maps_to_its_role(ctx: zmq.Context, tmp_path: Path) -> None:
     names = {"actor-1": "actor", "scorer-0": "scorer", "learner-0": "learner", "tool": "tool", "ops": ""}
     keys = generate_layout(tmp_path / "keys", list(names))
-    router = Router(ctx, keys.broker_config())
-    clients = [(name, *_client(ctx, keys.client_config(name), router.endpoint, "tool")) for name in names]
-    try:
-        for name, sock, watch in clients:
-            _deliver(sock, watch, router, name.encode())
-            assert router.received[-1] == (names[name], names[name], name.encode()), name  # the key's role, not "tool"
-    finally:
-        for _, sock, watch in clients:
-            watch.close()
-            sock.close(linger=0)
-        router.close()
+    clients = {name: (keys.client_config(name), "tool") for name in names}
+    assert _roles_seen(ctx, keys.broker_config(), clients) == names  # the key's role, not the "tool" it claims
 
 
 def test_one_topology_serves_every_role_with_role_keys(ctx: zmq.Context, tmp_path: Path) -> None:
@@ -311,14 +312,4 @@ def test_one_topology_serves_every_role_with_role_keys(ctx: zmq.Context, tmp_pat
                                  client_secret_key=str(keys.root / "clients" / "{role}.key_secret"))  # fmt: skip
     for role in ROLES:
         shared.validate(role)  # what each process checks at start-up: its own key pair
-    router = Router(ctx, keys.broker_config())
-    clients = [(role, *_client(ctx, shared, router.endpoint, role)) for role in ROLES]
-    try:
-        for role, sock, watch in clients:
-            _deliver(sock, watch, router, role.encode())
-            assert router.received[-1][:2] == (role, role), role
-    finally:
-        for _, sock, watch in clients:
-            watch.close()
-            sock.close(linger=0)
-        router.close()
+    assert _roles_seen(ctx, keys.broker_config(), {r: (shared, r) for r in ROLES}) == {r: r for r in ROLES}
