@@ -21,6 +21,9 @@ from editrl.common import wire
 from editrl.common.roles import default_secrets_file
 from editrl.common.security import SecurityConfig
 
+# learner.objective → the editor families it can train (learner/objectives/ implements them; read here without torch)
+OBJECTIVES: dict[str, tuple[str, ...]] = {"flow_grpo": ("flow", "ddim", "ar")}
+
 
 class ConfigError(ValueError):
     """A topology file that cannot be used. The message starts with the dotted path of the bad field."""
@@ -137,6 +140,7 @@ class LearnerConfig:
     groups_per_step: int = 4  # B: groups per optimizer step, split across ranks
     lr: float = 1e-3  # AdamW learning rate
     weight_decay: float = 1e-4  # AdamW weight decay
+    objective: str = "flow_grpo"  # flow_grpo | grpo_guard | nft (learner/objectives/; which families: OBJECTIVES)
     clip_range: float = 1e-4  # PPO clip ε on θ/prox (the lower side, and the upper one unless clip_range_high is set)
     clip_range_high: float = 0.0  # asymmetric upper ε (DAPO-style); 0 = clip_range
     iw_cap: float = 5.0  # cap of the detached importance weight prox/behave
@@ -383,6 +387,11 @@ def _check(cfg: TopologyConfig) -> None:
         raise ConfigError(f"learner.iw_mode: must be 'truncate' or 'mask', got {cfg.learner.iw_mode!r}")
     if not cfg.learner.iw_cap >= 1.0:
         raise ConfigError(f"learner.iw_cap: must be >= 1 (w = 1 when the group is fresh), got {cfg.learner.iw_cap}")
+    if cfg.learner.objective not in OBJECTIVES:
+        raise ConfigError(f"learner.objective: {cfg.learner.objective!r} is not one of {sorted(OBJECTIVES)}")
+    if cfg.policy.family not in OBJECTIVES[cfg.learner.objective]:
+        raise ConfigError(f"learner.objective: {cfg.learner.objective} trains {OBJECTIVES[cfg.learner.objective]} "
+                          f"editors, not policy.family {cfg.policy.family!r}")  # fmt: skip
     if cfg.learner.clip_range_high < 0 or cfg.learner.kl_coef < 0:
         raise ConfigError("learner.clip_range_high / learner.kl_coef: must be >= 0")
     if cfg.timers.scorer_liveness_s < 2 * cfg.timers.heartbeat_interval_s:

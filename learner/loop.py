@@ -8,7 +8,7 @@ see :mod:`editrl.common.families.base`) with LoRA adapters, sharded by the train
 groups are still run with zero advantage when world size > 1, and the prox bypass is decided for all ranks at once)
 so the collectives stay aligned.
 
-Objective (:mod:`editrl.learner.objective`): at the start of each update the learner recomputes the proximal
+Objective (:mod:`editrl.learner.objectives`): at the start of each update the learner recomputes the proximal
 log-probs of every stored unit with its own dtype and batching (no gradient), unless ``learner.prox_bypass`` is on
 and no group of the batch is stale (then prox = behave); the PPO clip is taken on θ/prox and the detached importance
 weight prox/behave is truncated or masked at ``learner.iw_cap``. ``learner.kl_coef > 0`` adds a k3 KL to the

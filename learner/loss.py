@@ -1,5 +1,5 @@
 """Group advantages of Flow-GRPO (flow_grpo's conventions; see shared REFERENCE-MATH §1.3); the objective itself is
-:func:`editrl.learner.objective.decoupled_loss`."""
+:func:`editrl.learner.objectives.flow_grpo.decoupled_loss`."""
 
 from __future__ import annotations
 

@@ -166,16 +166,16 @@ def test_prox_from_the_forward_equals_a_separate_pass_exactly(tiny_model_f64_dir
 
 def test_the_check_fails_on_a_tiny_change(tiny_model_f64_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A loss scaled by (1 + 2^-20), or a clip range moved by 1e-6, no longer matches the recorded values."""
-    from editrl.learner import update
+    from editrl.learner.objectives import flow_grpo
 
-    scenario, objective = "two-minibatches-clipped", update.decoupled_loss
+    scenario, objective = "two-minibatches-clipped", flow_grpo.decoupled_loss
 
     def scaled_loss(*args: Any, **kwargs: Any) -> Any:
         loss, stats = objective(*args, **kwargs)
         return loss * (1.0 + 2.0**-20), stats
 
     with monkeypatch.context() as patch:
-        patch.setattr(update, "decoupled_loss", scaled_loss)
+        patch.setattr(flow_grpo, "decoupled_loss", scaled_loss)
         scaled = run_scenario(tiny_model_f64_dir, SCENARIOS[scenario])
     assert any("learner/loss" in m for m in mismatches(scaled, GOLDEN[scenario]))
     moved = {**SCENARIOS[scenario], "clip_range": SCENARIOS[scenario]["clip_range"] + 1e-6}

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from editrl.learner.loss import group_advantages
-from editrl.learner.objective import decoupled_loss
+from editrl.learner.objectives.flow_grpo import decoupled_loss
 
 
 def test_group_advantages_zero_mean_unit_scale():

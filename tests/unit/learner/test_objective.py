@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from editrl.learner.objective import decoupled_loss
+from editrl.learner.objectives.flow_grpo import decoupled_loss
 
 
 def _np_decoupled(logp, prox, behave, adv, cl, ch, cap, mode, mask):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from editrl.learner.objective import decoupled_loss, rollout_weights
+from editrl.learner.objectives.flow_grpo import decoupled_loss, rollout_weights
 
 
 def test_rollout_weights_truncate_or_mask_the_trainer_sampler_ratio() -> None:

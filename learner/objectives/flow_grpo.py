@@ -32,7 +32,12 @@ log-prob is a per-element mean, so this is a KL per latent element, in the same 
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
+
+from editrl.common import wire
 
 IW_MODES = ("truncate", "mask")
 
@@ -124,3 +129,87 @@ def rollout_weights(behave: torch.Tensor, sampler: torch.Tensor, mode: str, cap:
     if mode == "tis":
         return torch.clamp(rho, max=cap)
     return torch.where(rho > cap, torch.zeros_like(rho), rho)
+
+
+_MAX_KEYS = ("ratio_dev_max", "iw_max", "behave_dev_max", "logp_mismatch_max", "sampler_logp_dev_max")
+
+
+class FlowGRPO:
+    """``learner.objective: flow_grpo`` (the default): the decoupled clipped ratio above, for every family."""
+
+    name = "flow_grpo"
+    families = ("flow", "ddim", "ar")
+    uses_log_probs = True  # the actor's behaviour log-probs are the anchor of the ratio
+
+    def group_loss(
+        self, up: Any, group: wire.RolloutGroup, adv: torch.Tensor, n_units: int, prox: torch.Tensor | str,
+        ref: torch.Tensor | None, fresh: bool = False,
+    ) -> dict[str, float]:  # fmt: skip
+        """Forward/backward over every trained unit of one group, chunk by chunk as the family recomputes them.
+
+        Each chunk's loss is the mean over its counted units; it is weighted by ``k / n_units`` (k units in the chunk,
+        ``n_units`` in the whole batch), so every unit of the step weighs the same.
+
+        Exactness stats, only when prox was measured (not bypassed): ``behave_dev_max`` = max |exp(prox - behave) - 1|
+        and, for a ``fresh`` group (sampled by the weights the learner holds now, so prox must equal behave bit for
+        bit), ``logp_mismatch_max`` = max |prox - behave| of the log-probs themselves, the float32 values differenced
+        in float64 (an ulp shows; 0.0 means bit-identical).
+        """
+        bypassed = isinstance(prox, str) and prox == "behave"
+        lcfg = up.cfg.learner
+        behave = torch.from_numpy(np.array(group.log_probs))  # [G, S]
+        if isinstance(prox, str):  # "behave": bypassed; "forward": the θ forward's detached value, chunk by chunk
+            prox = behave if prox == "behave" else None
+        mask = group.traj.get("unit_mask")
+        mask_t = torch.from_numpy(np.array(mask, dtype=np.float32)) if mask is not None else None
+        sampler = group.traj.get("sampler_log_probs")  # ar: the token engine's own log-probs, [G, T]
+        sampler_t = torch.from_numpy(np.array(sampler, dtype=np.float32)) if sampler is not None else None
+        out: dict[str, list[float]] = {}
+        for start, log_prob in up.policy.recompute(up.model, group.traj, group.cond, group.params):
+            cols = slice(start, start + log_prob.shape[1])
+            chunk_mask = mask_t[:, cols] if mask_t is not None else None
+            chunk_prox = log_prob.detach() if prox is None else prox[:, cols]
+            chunk_rollout, sampler_stats = None, {}
+            if sampler_t is not None:
+                chunk_rollout, sampler_stats = self._sampler_mismatch(
+                    up, behave[:, cols], sampler_t[:, cols], chunk_mask
+                )
+            loss, stats = decoupled_loss(
+                log_prob, chunk_prox, behave[:, cols], adv,
+                clip_low=lcfg.clip_range, clip_high=lcfg.clip_range_high or lcfg.clip_range, iw_cap=lcfg.iw_cap,
+                iw_mode=lcfg.iw_mode, mask=chunk_mask, ref_log_prob=None if ref is None else ref[:, cols],
+                kl_coef=lcfg.kl_coef, rollout_weight=chunk_rollout,
+            )  # fmt: skip
+            stats.update(sampler_stats)
+            up.engine.backward(loss * (log_prob.shape[1] / n_units))
+            if not bypassed:
+                deviation = (torch.exp(chunk_prox - behave[:, cols]) - 1.0).abs()
+                mismatch = (chunk_prox.detach().double() - behave[:, cols].double()).abs()
+                if chunk_mask is not None:
+                    deviation, mismatch = deviation * chunk_mask, mismatch * chunk_mask.double()
+                stats["behave_dev_max"] = deviation.max()
+                if fresh:
+                    stats["logp_mismatch_max"] = mismatch.max()
+            out.setdefault("loss", []).append(float(loss.detach()))
+            for key, value in stats.items():
+                out.setdefault(key, []).append(float(value))
+        return {k: max(v) if k in _MAX_KEYS else float(np.mean(v)) for k, v in out.items()}
+
+    def _sampler_mismatch(
+        self, up: Any, behave: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Sampler-vs-trainer mismatch of one chunk of tokens: ``sampler_kl`` (k3 estimate of KL(sampler || trainer)
+        from the sampled tokens), ``sampler_logp_dev_max`` (max |behave - sampler|, float64 difference) and, with a
+        correction, its per-unit factor and ``rollout_weight_mean``. Over counted units only."""
+        lcfg = up.cfg.learner
+        weight = torch.ones_like(behave) if mask is None else mask
+        count = weight.sum().clamp_min(1.0)
+        stats = {
+            "sampler_kl": (k3(behave, sampler) * weight).sum() / count,
+            "sampler_logp_dev_max": ((behave.double() - sampler.double()).abs() * weight.double()).max(),
+        }
+        if lcfg.rollout_correction == "none":
+            return None, stats
+        factor = rollout_weights(behave, sampler, lcfg.rollout_correction, lcfg.rollout_correction_cap)
+        stats["rollout_weight_mean"] = (factor * weight).sum() / count
+        return factor, stats
