@@ -115,6 +115,7 @@ class Actor:
         else:
             return
         self.version = info.version
+        self.policy.progress = info.version  # a sliding SDE window moves with the version (flow sampler)
         self.log.info("weights_loaded", version=info.version, seconds=round(time.monotonic() - t0, 3))
 
     def sample(self, lease: wire.Lease) -> wire.RolloutGroup | None:

@@ -69,6 +69,8 @@ class SamplerConfig:
     sde_type: str = "sde"  # flow: "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
     sde_window: int = 0  # flow: 0 = every step stochastic (all but the last trained); K = a random K-step window
     sde_window_range: list[int] = field(default_factory=list)  # flow: [lo, hi] the window lies in; default [0, N//2]
+    sde_window_schedule: str = "random"  # flow: random (Flow-GRPO-Fast) | sliding (MixGRPO: moves with the version)
+    sde_window_shift_every: int = 1  # flow, sliding: policy versions per one-step move of the window
     eta: float = 1.0  # ddim: DDIM eta (> 0 for a log-prob)
     image_guidance: float = 1.5  # ddim: InstructPix2Pix image guidance
     temperature: float = 1.0  # ar: sampling temperature
@@ -318,6 +320,11 @@ def _check(cfg: TopologyConfig) -> None:
         raise ConfigError(f"policy.sampler.sde_type: must be 'sde' or 'cps', got {sampler.sde_type!r}")
     if sampler.sde_window < 0 or sampler.sde_window >= sampler.num_steps:
         raise ConfigError("policy.sampler.sde_window: must be in [0, num_steps - 1]")
+    if sampler.sde_window_schedule not in ("random", "sliding"):
+        raise ConfigError(f"policy.sampler.sde_window_schedule: must be 'random' or 'sliding', got "
+                          f"{sampler.sde_window_schedule!r}")  # fmt: skip
+    if sampler.sde_window_shift_every < 1:
+        raise ConfigError("policy.sampler.sde_window_shift_every: must be >= 1")
     if sampler.sde_window_range and (
         len(sampler.sde_window_range) != 2
         or not 0 <= sampler.sde_window_range[0] <= sampler.sde_window_range[1] - sampler.sde_window

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["FlowSampler", "STEPS", "flow_sde_step", "flow_cps_step", "schedule_reason", "sde_window", "work_dtype"]
+__all__ = [
+    "FlowSampler", "STEPS", "WINDOW_SCHEDULES", "flow_sde_step", "flow_cps_step", "schedule_reason", "sde_window",
+    "work_dtype",
+]  # fmt: skip
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -149,19 +152,34 @@ def schedule_reason(sigmas: np.ndarray, start: int, units: int, sde_type: str, n
     return None
 
 
-def sde_window(num_steps: int, size: int, window_range: tuple[int, int] | None, rng: random.Random) -> tuple[int, int]:
+WINDOW_SCHEDULES = ("random", "sliding")
+
+
+def sde_window(
+    num_steps: int, size: int, window_range: tuple[int, int] | None, rng: random.Random, schedule: str = "random",
+    progress: int = 0, shift_every: int = 1,
+) -> tuple[int, int]:  # fmt: skip
     """The (start, end) steps sampled stochastically and trained on; ODE steps outside it.
 
     ``size == 0``: every step but the last, ``(0, N - 1)`` (the last, near-noiseless step is never trained on).
-    Otherwise flow_grpo's Flow-GRPO-Fast rule: ``start = randint(lo, hi - size)`` over ``window_range`` (default
-    ``(0, N // 2)``), window ``(start, start + size)``.
+    Otherwise, over ``window_range`` (default ``(0, N // 2)``), window ``(start, start + size)`` with
+    ``schedule == "random"``: flow_grpo's Flow-GRPO-Fast rule, ``start = randint(lo, hi - size)``;
+    ``schedule == "sliding"``: MixGRPO's moving window, ``start = lo + (progress // shift_every) mod (hi - size - lo
+    + 1)``: it starts at the high-noise end and moves one step towards the data every ``shift_every`` policy versions
+    (``progress``: the version the actor samples with), then starts over (MixGRPO's progressive strategy with
+    roll-back); ``rng`` is not used then.
     """
     if size == 0:
         return 0, num_steps - 1
     lo, hi = window_range if window_range is not None else (0, num_steps // 2)
     if not (0 <= lo and hi <= num_steps - 1 and hi - lo >= size >= 1):
         raise ValueError(f"SDE window of {size} steps does not fit in range ({lo}, {hi}) of {num_steps} steps")
-    start = rng.randint(lo, hi - size)
+    if schedule == "sliding":
+        start = lo + (max(0, progress) // max(1, shift_every)) % (hi - size - lo + 1)
+    elif schedule == "random":
+        start = rng.randint(lo, hi - size)
+    else:
+        raise ValueError(f"SDE window schedule must be one of {WINDOW_SCHEDULES}, got {schedule!r}")
     return start, start + size
 
 
@@ -175,6 +193,8 @@ class FlowSampler:
     sde_type: str = "sde"  # "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
     sde_window: int = 0  # 0: every step stochastic, all but the last trained; K: a random K-step window, ODE outside
     sde_window_range: tuple[int, int] | None = None  # where the window may start/end; default (0, N // 2)
+    sde_window_schedule: str = "random"  # "random" (Flow-GRPO-Fast) or "sliding" (MixGRPO), see sde_window
+    sde_window_shift_every: int = 1  # sliding: policy versions per one-step move of the window
 
     def __post_init__(self) -> None:
         if self.sde_type not in STEPS:

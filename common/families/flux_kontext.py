@@ -320,6 +320,7 @@ class FluxKontextPolicy:
     # -- the family interface (editrl.common.families.base) ------------------------------------------------------------
 
     family = "flow"
+    progress = 0  # the policy version the actor samples with (set by the actor): moves a sliding SDE window
 
     def sample(self, instruction: str, source: Any, group_size: int, generator: torch.Generator) -> Rollout:
         """G edits as a :class:`~editrl.common.families.base.Rollout` with the sampler settings of ``self.sampler``."""
@@ -328,7 +329,8 @@ class FluxKontextPolicy:
         window = None
         if cfg.sde_window:
             rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-            window = sde_window(cfg.num_steps, cfg.sde_window, cfg.sde_window_range, rng)
+            window = sde_window(cfg.num_steps, cfg.sde_window, cfg.sde_window_range, rng, cfg.sde_window_schedule,
+                                self.progress, cfg.sde_window_shift_every)  # fmt: skip
         traj = self.sample_group(
             cond, group_size, cfg.num_steps, cfg.noise_level, cfg.guidance, generator, cfg.sde_type, window
         )
@@ -445,7 +447,8 @@ def load_flux_kontext(policy_cfg: Any, *, with_pipeline: bool) -> FluxKontextPol
     """The FLUX.1-Kontext policy for a ``config.PolicyConfig`` (see :func:`editrl.common.families.base.load_policy`)."""
     s = policy_cfg.sampler
     window_range = tuple(s.sde_window_range) if s.sde_window_range else None
-    sampler = FlowSampler(s.num_steps, s.noise_level, s.guidance, s.sde_type, s.sde_window, window_range)
+    sampler = FlowSampler(s.num_steps, s.noise_level, s.guidance, s.sde_type, s.sde_window, window_range,
+                          s.sde_window_schedule, s.sde_window_shift_every)  # fmt: skip
     lora = LoraSpec(rank=policy_cfg.lora.rank, alpha=policy_cfg.lora.alpha)
     return FluxKontextPolicy.from_pretrained(
         policy_cfg.model, with_pipeline=with_pipeline, lora=lora, sampler=sampler,

@@ -119,6 +119,7 @@ class QwenImageEditPolicy:
     """
 
     family = "flow"
+    progress = 0  # the policy version the actor samples with (set by the actor): moves a sliding SDE window
 
     def __init__(
         self,
@@ -134,6 +135,8 @@ class QwenImageEditPolicy:
         sde_type: str = "sde",
         sde_window_size: int = 0,
         sde_window_range: tuple[int, int] | None = None,
+        sde_window_schedule: str = "random",
+        sde_window_shift_every: int = 1,
     ) -> None:
         if sde_type not in STEPS:
             raise ValueError(f"sde_type must be one of {sorted(STEPS)}, got {sde_type!r}")
@@ -158,6 +161,7 @@ class QwenImageEditPolicy:
         self.negative_prompt = negative_prompt
         self.condition_area = int(condition_area)
         self.sde_type, self.sde_window_size, self.sde_window_range = sde_type, int(sde_window_size), sde_window_range
+        self.sde_window_schedule, self.sde_window_shift_every = sde_window_schedule, int(sde_window_shift_every)
 
     @classmethod
     def from_pretrained(
@@ -175,6 +179,8 @@ class QwenImageEditPolicy:
         sde_type: str = "sde",
         sde_window_size: int = 0,
         sde_window_range: tuple[int, int] | None = None,
+        sde_window_schedule: str = "random",
+        sde_window_shift_every: int = 1,
     ) -> QwenImageEditPolicy:
         """Load from a diffusers directory or model id; LoRA, if given, is injected into the transformer with B = 0.
 
@@ -210,6 +216,8 @@ class QwenImageEditPolicy:
             sde_type=sde_type,
             sde_window_size=sde_window_size,
             sde_window_range=sde_window_range,
+            sde_window_schedule=sde_window_schedule,
+            sde_window_shift_every=sde_window_shift_every,
         )
 
     # ------------------------------------------------------------------------------------------- both sides
@@ -292,7 +300,8 @@ class QwenImageEditPolicy:
         start, end = 0, self.num_steps - 1
         if self.sde_window_size:  # draws from the generator only then: the plain sampler's noise is the pipeline's
             rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-            start, end = sde_window(self.num_steps, self.sde_window_size, self.sde_window_range, rng)
+            start, end = sde_window(self.num_steps, self.sde_window_size, self.sde_window_range, rng,
+                                    self.sde_window_schedule, self.progress, self.sde_window_shift_every)  # fmt: skip
         step = STEPS[self.sde_type]
         x = self.initial_noise(cond, group_size, generator)  # [G, L, C]
         xs, lps = [], []
@@ -434,4 +443,6 @@ def load_qwen_image_edit(policy_cfg: Any, *, with_pipeline: bool) -> QwenImageEd
         sde_type=s.sde_type,
         sde_window_size=s.sde_window,
         sde_window_range=tuple(s.sde_window_range) if s.sde_window_range else None,
+        sde_window_schedule=s.sde_window_schedule,
+        sde_window_shift_every=s.sde_window_shift_every,
     )

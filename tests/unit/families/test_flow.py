@@ -217,6 +217,35 @@ def test_sde_window_rule() -> None:
         sde_window(6, 4, (0, 3), random.Random(0))
 
 
+def test_sliding_sde_window_moves_with_the_version() -> None:
+    """MixGRPO's schedule: the window starts at the high-noise end and moves one step every ``shift_every`` versions
+    across ``window_range``, then starts over; the random schedule ignores the version."""
+    import random
+
+    from editrl.common.families.flow import sde_window
+
+    starts = [sde_window(10, 2, (1, 6), random.Random(0), "sliding", v, 3)[0] for v in range(0, 27, 3)]
+    assert starts == [1, 2, 3, 4, 1, 2, 3, 4, 1]  # 4 positions in [1, 6] for a 2-step window
+    assert {sde_window(10, 2, (1, 6), random.Random(0), "sliding", v, 3) for v in (6, 7, 8)} == {(3, 5)}
+    assert sde_window(6, 0, None, random.Random(0), "sliding", 5) == (0, 5)  # no window: unchanged
+    with pytest.raises(ValueError, match="schedule"):
+        sde_window(10, 2, None, random.Random(0), "spiral")
+
+
+def test_the_flux_sampler_takes_its_sliding_window_from_the_policy_version(tiny_model_dir: Path) -> None:
+    from editrl.common.families.flow import FlowSampler
+
+    sampler = FlowSampler(4, 0.7, 2.5, "sde", 1, (0, 3), "sliding", 2)
+    policy = FluxKontextPolicy.from_pretrained(tiny_model_dir, lora=LoraSpec(rank=4, alpha=8), sampler=sampler)
+    source = policy.decode(torch.zeros(1, 16, 16))[0]
+    starts = []
+    for version in (0, 1, 2, 4, 6):
+        policy.progress = version  # what the actor sets when it loads weights
+        rollout = policy.sample("make it red", source, 2, torch.Generator().manual_seed(version))
+        starts.append(rollout.params["start"])
+    assert starts == [0, 0, 1, 2, 0]
+
+
 @pytest.mark.parametrize(
     "sampler",
     [
