@@ -22,7 +22,9 @@ from editrl.common.roles import default_secrets_file
 from editrl.common.security import SecurityConfig
 
 # learner.objective → the editor families it can train (learner/objectives/ implements them; read here without torch)
-OBJECTIVES: dict[str, tuple[str, ...]] = {"flow_grpo": ("flow", "ddim", "ar")}
+OBJECTIVES: dict[str, tuple[str, ...]] = {
+    "flow_grpo": ("flow", "ddim", "ar"), "nft": ("flow",), "grpo_guard": ("flow",),
+}  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -66,7 +68,7 @@ class SamplerConfig:
     num_steps: int = 4  # flow / ddim: denoising steps
     noise_level: float = 0.7  # flow: a of the SDE (or CPS) noise
     guidance: float = 2.5  # flux_kontext: embedded guidance; qwen_image_edit: true-CFG scale; ddim: text guidance
-    sde_type: str = "sde"  # flow: "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
+    sde_type: str = "sde"  # flow: "sde" (Flow-GRPO), "cps" (coefficients-preserving); "ode" = nft's (set by it)
     sde_window: int = 0  # flow: 0 = every step stochastic (all but the last trained); K = a random K-step window
     sde_window_range: list[int] = field(default_factory=list)  # flow: [lo, hi] the window lies in; default [0, N//2]
     sde_window_schedule: str = "random"  # flow: random (Flow-GRPO-Fast) | sliding (MixGRPO: moves with the version)
@@ -153,7 +155,9 @@ class LearnerConfig:
     prox_bypass: bool = False  # prox = behave (no recompute) on steps where no group is stale
     prox_recompute: bool = False  # a separate no-grad prox pass even with minibatches: 1 (where it equals θ's value)
     minibatches: int = 2  # optimizer steps per learner step (each on 1/M of the groups); the PPO clip acts when > 1
-    kl_coef: float = 0.0  # k3 KL to the reference policy (LoRA adapters disabled); 0 = off (no reference forward)
+    kl_coef: float = 0.0  # KL to the reference (LoRA off): k3 of the log-probs, nft: mean (v - v_ref)^2; 0 = off
+    nft_beta: float = 1.0  # nft: β of the implicit policies v± = v_old ± β (v_θ - v_old) (DiffusionNFT's default)
+    nft_timesteps: int = 0  # nft: noise levels per edit per step, from the sampler's N sigmas (0 = N - 1, as theirs)
     engine: str = "fsdp2"  # "fsdp2" or "deepspeed" (ZeRO-3)
     adv_clip_max: float = 5.0  # advantages are clipped to +-this
     global_std: bool = False  # std over the whole batch (flow_grpo's global_std) instead of per group
@@ -270,6 +274,8 @@ def parse_config(raw: Any, base_dir: Path = Path(".")) -> TopologyConfig:
     cfg.scorers.options = _resolve_model_paths(cfg.scorers.options, base_dir)
     if cfg.scorers.gold is not None:
         cfg.scorers.gold.options = _resolve_model_paths(cfg.scorers.gold.options, base_dir)
+    if cfg.learner.objective == "nft" and cfg.policy.family == "flow" and cfg.policy.sampler.sde_type == "sde":
+        cfg.policy.sampler.sde_type = "ode"  # nft trains on final latents: its actors sample with the deterministic ODE
     _check(cfg)
     return cfg
 
@@ -316,8 +322,15 @@ def _check(cfg: TopologyConfig) -> None:
             f"policy.pipeline: {cfg.policy.pipeline} belongs to family {PIPELINES[cfg.policy.pipeline][0]}"
         )
     sampler = cfg.policy.sampler
-    if sampler.sde_type not in ("sde", "cps"):
-        raise ConfigError(f"policy.sampler.sde_type: must be 'sde' or 'cps', got {sampler.sde_type!r}")
+    if sampler.sde_type not in ("sde", "cps", "ode"):
+        raise ConfigError(f"policy.sampler.sde_type: must be 'sde', 'cps' or 'ode', got {sampler.sde_type!r}")
+    if (sampler.sde_type == "ode") != (cfg.learner.objective == "nft" and cfg.policy.family == "flow"):
+        raise ConfigError(f"policy.sampler.sde_type: 'ode' (no log-probs) is the sampler of learner.objective nft, "
+                          f"and nft's only; got {sampler.sde_type!r} with {cfg.learner.objective!r}")  # fmt: skip
+    if sampler.sde_type == "ode" and (sampler.sde_window or cfg.learner.nft_beta <= 0):
+        raise ConfigError("policy.sampler.sde_window / learner.nft_beta: nft needs sde_window 0 and nft_beta > 0")
+    if not 0 <= cfg.learner.nft_timesteps <= sampler.num_steps:
+        raise ConfigError(f"learner.nft_timesteps: must be in [0, policy.sampler.num_steps = {sampler.num_steps}]")
     if sampler.sde_window < 0 or sampler.sde_window >= sampler.num_steps:
         raise ConfigError("policy.sampler.sde_window: must be in [0, num_steps - 1]")
     if sampler.sde_window_schedule not in ("random", "sliding"):
@@ -399,6 +412,9 @@ def _check(cfg: TopologyConfig) -> None:
     if cfg.policy.family not in OBJECTIVES[cfg.learner.objective]:
         raise ConfigError(f"learner.objective: {cfg.learner.objective} trains {OBJECTIVES[cfg.learner.objective]} "
                           f"editors, not policy.family {cfg.policy.family!r}")  # fmt: skip
+    guard, need = (sampler.sde_type, cfg.learner.decoupled), ("sde", True)  # see learner/objectives/grpo_guard.py
+    if cfg.learner.objective == "grpo_guard" and guard != need:
+        raise ConfigError(f"learner.objective: grpo_guard needs (sde_type, decoupled) {need}, not {guard}")
     if cfg.learner.clip_range_high < 0 or cfg.learner.kl_coef < 0:
         raise ConfigError("learner.clip_range_high / learner.kl_coef: must be >= 0")
     if cfg.timers.scorer_liveness_s < 2 * cfg.timers.heartbeat_interval_s:

@@ -56,21 +56,29 @@ class Updater:
         self.model = engine.model
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.objective = make_objective(cfg.learner)
+        extra = tuple(k for k in getattr(self.objective, "stat_keys", ()) if k not in STAT_KEYS)
+        self.stat_keys = (*STAT_KEYS, *extra)  # every statistic the objective's group_loss may report
+        self.version = 0  # the learner version of the current train_step (nft seeds its noise draws with it)
 
     def train_step(self, groups: list[wire.RolloutGroup], rewards: list[np.ndarray], version: int) -> dict[str, float]:
         """One optimizer step on these groups (this rank's share) with learner weights ``version``; the stats are
         averaged over ranks (collective)."""
-        lcfg = self.cfg.learner
+        lcfg, self.version = self.cfg.learner, version
         global_std = torch.tensor(float(np.concatenate(rewards).std())) if lcfg.global_std else None
         staleness = [version - g.policy_version for g in groups]
         bypass = not lcfg.decoupled or (lcfg.prox_bypass and self._all_reduce_max(float(max(staleness))) == 0)
         # The proximal log-probs are those of the weights at the start of the update. With one optimizer step per
         # batch (minibatches: 1) that is exactly the θ forward's own value, detached ("forward"): no extra pass.
         # With several minibatches the weights move between them, so prox is recomputed for every group first.
+        proximal = getattr(self.objective, "proximal", None)  # grpo_guard: prox log-probs AND the steps' means
+        if proximal is not None and lcfg.minibatches > 1:
+            bypass = False  # its ratio needs the start weights' means even for fresh groups (the weights move)
         separate = not bypass and (lcfg.minibatches > 1 or lcfg.prox_recompute)
-        prox: list[Any] = ["behave" if bypass else self.log_probs(g) if separate else "forward" for g in groups]
-        ref = [self.log_probs(g, reference=True) if lcfg.kl_coef > 0 else None for g in groups]
-        agg: dict[str, list[float]] = {key: [] for key in STAT_KEYS}
+        prox_of = proximal if proximal is not None else Updater.log_probs
+        prox: list[Any] = ["behave" if bypass else prox_of(self, g) if separate else "forward" for g in groups]
+        kl = lcfg.kl_coef > 0 and self.objective.uses_log_probs  # nft: a velocity-space KL inside its own loss
+        ref = [self.log_probs(g, reference=True) if kl else None for g in groups]
+        agg: dict[str, list[float]] = {key: [] for key in self.stat_keys}
         zero_var, norms = 0, []
         size = len(groups) // lcfg.minibatches
         for first in range(0, len(groups), size):
@@ -133,7 +141,8 @@ class Updater:
         statistic no rank measured stays absent. Staleness counts are averaged over every rank."""
         if self.world == 1:
             return stats
-        keys = sorted(set(_STEP_KEYS) | {k for k in stats if k.startswith("learner/staleness_")})
+        keys = set(_STEP_KEYS) | {f"learner/{k}" for k in self.stat_keys}  # the same on every rank (collective)
+        keys = sorted(keys | {k for k in stats if k.startswith("learner/staleness_")})
         present = torch.tensor([k in stats for k in keys], dtype=torch.float64)
         # an absent key adds 0 to the sum AND 0 to its count; a key no rank measured (count 0) stays absent below
         values = torch.tensor([stats.get(k, 0.0) for k in keys], dtype=torch.float64)

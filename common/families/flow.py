@@ -12,13 +12,16 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from editrl.common.families.flow_ode import ODE
+
 __all__ = [
-    "FlowSampler", "STEPS", "WINDOW_SCHEDULES", "flow_sde_step", "flow_cps_step", "schedule_reason", "sde_window",
-    "work_dtype",
+    "FlowSampler", "FlowStep", "STEPS", "WINDOW_SCHEDULES", "flow_sde_step", "flow_cps_step", "schedule_reason",
+    "sde_window", "work_dtype",
 ]  # fmt: skip
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -132,6 +135,20 @@ def flow_cps_step(
 STEPS = {"sde": flow_sde_step, "cps": flow_cps_step}
 
 
+class FlowStep(NamedTuple):
+    """One recomputed stochastic step of a stored trajectory, as a flow policy's ``recompute_steps`` yields it.
+
+    ``recompute`` yields only ``(start, log_prob)`` of the same steps; objectives that need the transition itself
+    (``grpo_guard``: the mean of both policies) read it here. Both come from one code path, so they cannot drift.
+    """
+
+    start: int  # the trained unit (column of the group's log_probs) this step is
+    log_prob: torch.Tensor  # [G, 1] as recompute yields it (gradient through the model's velocity when it has one)
+    mean: torch.Tensor  # [G, L, C] transition mean (same graph as log_prob)
+    std: torch.Tensor  # [G, 1, 1] transition std: std_dev_t * sqrt(-dt) (SDE) or sigma_next * sin(a pi / 2) (CPS)
+    dt: float  # sigma_next - sigma (< 0), in float64 from the stored sigmas
+
+
 def schedule_reason(sigmas: np.ndarray, start: int, units: int, sde_type: str, noise_level: float) -> str | None:
     """None if the stored steps ``start .. start + units - 1`` of ``sigmas`` [N+1] can be recomputed with the
     ``sde_type`` step at ``noise_level``, else the reason (a static check for ``check_group``: the step's own argument
@@ -190,12 +207,14 @@ class FlowSampler:
     num_steps: int = 4
     noise_level: float = 0.7
     guidance: float = 2.5
-    sde_type: str = "sde"  # "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
+    sde_type: str = "sde"  # "sde" (Flow-GRPO), "cps" (coefficients-preserving) or "ode" (no noise: flow_ode, nft)
     sde_window: int = 0  # 0: every step stochastic, all but the last trained; K: a random K-step window, ODE outside
     sde_window_range: tuple[int, int] | None = None  # where the window may start/end; default (0, N // 2)
     sde_window_schedule: str = "random"  # "random" (Flow-GRPO-Fast) or "sliding" (MixGRPO), see sde_window
     sde_window_shift_every: int = 1  # sliding: policy versions per one-step move of the window
 
     def __post_init__(self) -> None:
-        if self.sde_type not in STEPS:
-            raise ValueError(f"sde_type must be one of {sorted(STEPS)}, got {self.sde_type!r}")
+        if self.sde_type not in (*STEPS, ODE):
+            raise ValueError(f"sde_type must be one of {sorted(STEPS)} or {ODE!r}, got {self.sde_type!r}")
+        if self.sde_type == ODE and self.sde_window:
+            raise ValueError("sde_window must be 0 with the ODE sampler (no step is stochastic)")

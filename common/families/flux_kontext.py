@@ -10,6 +10,7 @@ Shapes: B = batch, G = group size, N = sampler steps, L = packed latent tokens, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Iterator
@@ -31,7 +32,8 @@ from editrl.common.families.check import (
     shapes_reasons,
     units_reason,
 )
-from editrl.common.families.flow import STEPS, FlowSampler, _per_sample, schedule_reason, sde_window
+from editrl.common.families.flow import STEPS, FlowSampler, FlowStep, _per_sample, schedule_reason, sde_window
+from editrl.common.families.flow_ode import ODE, mode_reasons, ode_reasons, ode_rollout, ode_sample
 from editrl.common.lora import LoraSpec, add_lora, param_dtype
 
 __all__ = ["GroupCondition", "Trajectory", "FluxKontextPolicy", "flux_schedule", "flux_velocity", "load_flux_kontext"]
@@ -326,6 +328,8 @@ class FluxKontextPolicy:
         """G edits as a :class:`~editrl.common.families.base.Rollout` with the sampler settings of ``self.sampler``."""
         cfg = self.sampler
         cond = self.encode_condition(instruction, source)
+        if cfg.sde_type == ODE:
+            return self._sample_ode(cond, group_size, generator)
         window = None
         if cfg.sde_window:
             rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
@@ -352,32 +356,63 @@ class FluxKontextPolicy:
             images=self.decode(traj.final, cond.height, cond.width),
         )
 
+    def _sample_ode(self, cond: GroupCondition, group_size: int, generator: torch.Generator) -> Rollout:
+        """G edits by the deterministic ODE, as an ODE group (:mod:`~editrl.common.families.flow_ode`)."""
+        cfg = self.sampler
+        sigmas = flux_schedule(cfg.num_steps, cond.seq_len, self.scheduler_config)  # [N+1]
+        x = self.initial_noise(cond, group_size, generator)  # [G, L, C]
+        final = ode_sample(lambda x, i: flux_velocity(self.transformer, x, sigmas[i], cond, cfg.guidance), x, sigmas)
+        traj, log_probs = ode_rollout(final)
+        params = {"guidance": float(cfg.guidance), "sde_type": ODE, "height": cond.height, "width": cond.width}
+        arrays = {**cond.to_arrays(), "sigmas": sigmas.numpy()}
+        images = self.decode(final, cond.height, cond.width)
+        return Rollout(family="flow", traj=traj, log_probs=log_probs, cond=arrays, params=params, images=images)
+
+    def velocity(
+        self, model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, np.ndarray],
+        params: dict[str, Any],
+    ) -> torch.Tensor:  # fmt: skip
+        """The velocity [B, L, C] of ``model`` at latents ``x`` [B, L, C] and noise levels ``sigma`` [B], with a stored
+        group's condition and guidance: the transformer call of :meth:`recompute` (the ``nft`` objective's hook)."""
+        condition = GroupCondition.from_arrays(cond, height=params["height"], width=params["width"])
+        return flux_velocity(model, x, sigma, condition, params["guidance"])
+
     def recompute(
         self, model: torch.nn.Module, traj: dict[str, np.ndarray], cond: dict[str, np.ndarray], params: dict[str, Any]
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """``(u, log_prob [G, 1])`` for every stored step, the whole group in one forward, as the actor ran it."""
+        for step in self.recompute_steps(model, traj, cond, params):
+            yield step.start, step.log_prob
+
+    def recompute_steps(
+        self, model: torch.nn.Module, traj: dict[str, np.ndarray], cond: dict[str, np.ndarray], params: dict[str, Any]
+    ) -> Iterator[FlowStep]:
+        """:meth:`recompute` with each step's transition (mean [G, L, C], std, dt): one code path for both."""
         condition = GroupCondition.from_arrays(cond, height=params["height"], width=params["width"])
         latents = torch.from_numpy(_float_copy(traj["latents"]))  # [G, S+1, L, C]
         sigmas = torch.from_numpy(np.array(cond["sigmas"], dtype=np.float32))  # [N+1]
         step, start = STEPS[params["sde_type"]], int(params["start"])
         for u in range(latents.shape[1] - 1):
             j = start + u
-            v = flux_velocity(model, latents[:, u], float(sigmas[j]), condition, params["guidance"])
-            _, log_prob, _, _ = step(
-                latents[:, u], v, float(sigmas[j]), float(sigmas[j + 1]), params["noise_level"],
-                prev_sample=latents[:, u + 1],
-            )  # fmt: skip
-            yield u, log_prob[:, None]
+            sigma, sigma_next = float(sigmas[j]), float(sigmas[j + 1])
+            v = flux_velocity(model, latents[:, u], sigma, condition, params["guidance"])
+            _, log_prob, mean, std = step(
+                latents[:, u], v, sigma, sigma_next, params["noise_level"], prev_sample=latents[:, u + 1]
+            )
+            yield FlowStep(u, log_prob[:, None], mean, std, sigma_next - sigma)
 
     def check_group(self, group: wire.RolloutGroup) -> str | None:
         """None if :meth:`recompute` can use ``group``, else a short reason naming the field. Static: shapes from the
-        transformer's config, dtypes, the schedule; the model never runs (see :mod:`editrl.common.families.check`)."""
-        return first_reason(chain(common_reasons(group, _GROUP_SPEC), self._group_reasons(group)))
+        transformer's config, dtypes, the schedule; the model never runs (see :mod:`editrl.common.families.check`).
+        With the ODE sampler (``nft``) only ODE groups pass, and only SDE/CPS groups without it."""
+        ode = self.sampler.sde_type == ODE
+        reasons = (mode_reasons(group, ode), common_reasons(group, _ODE_SPEC if ode else _GROUP_SPEC))
+        return first_reason(chain(*reasons, self._group_reasons(group, ode)))
 
-    def _group_reasons(self, group: wire.RolloutGroup) -> Iterator[str]:
+    def _group_reasons(self, group: wire.RolloutGroup, ode: bool) -> Iterator[str]:
         cfg, traj, cond, params = self.transformer.config, group.traj, group.cond, group.params
         dtype = "float64" if self.dtype == torch.float64 else "float32"
-        floats = {"log_probs": group.log_probs, "traj['latents']": traj["latents"]}
+        floats = {} if ode else {"log_probs": group.log_probs, "traj['latents']": traj["latents"]}
         for label, arr in {**floats, **{f"cond[{k!r}]": cond[k] for k in GroupCondition._FIELDS}}.items():
             if arr.dtype.name != dtype:
                 yield f"{label} dtype {arr.dtype.name} is not the model's {dtype}"
@@ -392,15 +427,18 @@ class FluxKontextPolicy:
         t, seq, seq_img = (cond[k].shape[0] for k in ("prompt_embeds", "latent_ids", "image_latents"))
         yield from shapes_reasons("cond", cond, {"text_ids": [("T", t), ("axes", axes)]})
         yield from shapes_reasons("cond", cond, {"image_ids": [("L_img", seq_img), ("axes", axes)]})
+        for name in ("height", "width"):
+            if params[name] < 1:
+                yield f"params[{name!r}] = {params[name]} is not a positive size"
+        if ode:
+            yield from ode_reasons(group, dtype, seq, c)
+            return
         g = group.log_probs.shape[0]
         yield from shapes_reasons("traj", traj, {"latents": [("G", g), ("S+1", None), ("L", seq), ("C", c)]})
         s = traj["latents"].shape[1] - 1
         reason = units_reason(group.log_probs, s, f"S+1 = {s + 1} latents in traj['latents']")
         if reason:
             yield reason
-        for name in ("height", "width"):
-            if params[name] < 1:
-                yield f"params[{name!r}] = {params[name]} is not a positive size"
         reason = schedule_reason(cond["sigmas"], int(params["start"]), s, params["sde_type"], params["noise_level"])
         if reason:
             yield reason
@@ -441,6 +479,9 @@ _GROUP_SPEC = GroupSpec(
         "width": "integer",
     },
 )  # fmt: skip
+# What an ODE group (sde_type "ode", the nft objective) carries instead: the final latents, no noise level or window.
+_ODE_PARAMS = {k: _GROUP_SPEC.params[k] for k in ("guidance", "sde_type", "height", "width")}
+_ODE_SPEC = dataclasses.replace(_GROUP_SPEC, traj={"x0": FLOATS}, params=_ODE_PARAMS)
 
 
 def load_flux_kontext(policy_cfg: Any, *, with_pipeline: bool) -> FluxKontextPolicy:

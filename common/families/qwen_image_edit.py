@@ -42,6 +42,7 @@ computations reproduced here (condition size, schedule, guided velocity) are in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Iterator
@@ -55,7 +56,8 @@ import torch
 from editrl.common import wire
 from editrl.common.families.base import Rollout
 from editrl.common.families.check import GroupSpec, common_reasons, first_reason, shapes_reasons, units_reason
-from editrl.common.families.flow import STEPS, schedule_reason, sde_window
+from editrl.common.families.flow import STEPS, FlowStep, schedule_reason, sde_window
+from editrl.common.families.flow_ode import ODE, mode_reasons, ode_reasons, ode_rollout, ode_sample
 from editrl.common.families.qwen_image_edit_ops import (
     PIPELINE_CONDITION_AREA,
     QwenEditCondition,
@@ -138,8 +140,8 @@ class QwenImageEditPolicy:
         sde_window_schedule: str = "random",
         sde_window_shift_every: int = 1,
     ) -> None:
-        if sde_type not in STEPS:
-            raise ValueError(f"sde_type must be one of {sorted(STEPS)}, got {sde_type!r}")
+        if sde_type not in (*STEPS, ODE) or (sde_type == ODE and sde_window_size):
+            raise ValueError(f"sde_type must be one of {sorted(STEPS)} or {ODE!r} (no window), got {sde_type!r}")
         if num_steps < 2:
             raise ValueError(f"num_steps must be >= 2 (the last step is never trained on), got {num_steps}")
         if noise_level <= 0:
@@ -297,6 +299,15 @@ class QwenImageEditPolicy:
         """
         cond, height, width = self.encode_condition(instruction, source)
         sigmas, timesteps = qwen_edit_schedule(self.num_steps, cond.seq_len, self.scheduler_config)
+        if self.sde_type == ODE:  # the nft objective's groups (editrl.common.families.flow_ode)
+            x, scale = self.initial_noise(cond, group_size, generator), self.true_cfg_scale  # [G, L, C]
+            final = ode_sample(lambda x, i: qwen_guided_velocity(self.model, x, timesteps[i], cond, scale), x, sigmas)
+            final = final.cpu()
+            traj, log_probs = ode_rollout(final)
+            params = {"true_cfg_scale": self.true_cfg_scale, "sde_type": ODE, "height": height, "width": width}
+            arrays = {**cond.to_arrays(), "sigmas": sigmas.numpy(), "timesteps": timesteps.numpy()}
+            images = self.decode(final, height, width)
+            return Rollout(self.family, traj=traj, log_probs=log_probs, cond=arrays, params=params, images=images)
         start, end = 0, self.num_steps - 1
         if self.sde_window_size:  # draws from the generator only then: the plain sampler's noise is the pipeline's
             rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
@@ -355,6 +366,13 @@ class QwenImageEditPolicy:
         Same batching (G per branch, two branches per step), dtype and inputs as `sample`, so with the actor's weights
         the result equals the stored log-probs bit for bit.
         """
+        for step in self.recompute_steps(model, traj, cond, params):
+            yield step.start, step.log_prob
+
+    def recompute_steps(
+        self, model: torch.nn.Module, traj: dict[str, np.ndarray], cond: dict[str, np.ndarray], params: dict[str, Any]
+    ) -> Iterator[FlowStep]:
+        """:meth:`recompute` with each step's transition (mean [G, L, C], std, dt): one code path for both."""
         device = next(model.parameters()).device
         latents = torch.from_numpy(np.array(traj["latents"], dtype=np.float32)).to(device)  # [G, K+1, L, C]
         condition = QwenEditCondition.from_arrays(cond, device)
@@ -370,16 +388,31 @@ class QwenImageEditPolicy:
         for u in range(latents.shape[1] - 1):
             j = start + u
             v = qwen_guided_velocity(model, latents[:, u], timesteps[j], condition, true_cfg_scale)
-            _, lp, _, _ = step(latents[:, u], v, sigmas[j], sigmas[j + 1], noise_level, prev_sample=latents[:, u + 1])
-            yield u, lp.unsqueeze(1)
+            _, lp, mean, std = step(
+                latents[:, u], v, sigmas[j], sigmas[j + 1], noise_level, prev_sample=latents[:, u + 1]
+            )
+            yield FlowStep(u, lp.unsqueeze(1), mean, std, float(sigmas[j + 1]) - float(sigmas[j]))
+
+    def velocity(
+        self, model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, np.ndarray],
+        params: dict[str, Any],
+    ) -> torch.Tensor:  # fmt: skip
+        """The guided velocity [B, L, C] of ``model`` at latents ``x`` [B, L, C] and noise levels ``sigma`` [B]
+        (timestep 1000 sigma) with a stored group's condition and true-CFG scale (the ``nft`` objective's hook)."""
+        condition = QwenEditCondition.from_arrays(cond, x.device)
+        t = 1000 * torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        return qwen_guided_velocity(model, x, t, condition, float(params["true_cfg_scale"]))
 
     def check_group(self, group: wire.RolloutGroup) -> str | None:
         """None if :meth:`recompute` can use ``group``, else a short reason naming the field. Static: shapes from the
         transformer's config and the stored ``img_shapes`` (the target and condition token counts), the schedule,
-        the negative prompt true CFG needs; the model never runs (see :mod:`editrl.common.families.check`)."""
-        return first_reason(chain(common_reasons(group, _GROUP_SPEC), self._group_reasons(group)))
+        the negative prompt true CFG needs; the model never runs (see :mod:`editrl.common.families.check`). With the
+        ODE sampler (``nft``) only ODE groups pass, and only SDE/CPS groups without it."""
+        ode = self.sde_type == ODE
+        reasons = (mode_reasons(group, ode), common_reasons(group, _ODE_SPEC if ode else _GROUP_SPEC))
+        return first_reason(chain(*reasons, self._group_reasons(group, ode)))
 
-    def _group_reasons(self, group: wire.RolloutGroup) -> Iterator[str]:
+    def _group_reasons(self, group: wire.RolloutGroup, ode: bool) -> Iterator[str]:
         cfg, traj, cond, params = self.model.config, group.traj, group.cond, group.params
         if group.log_probs.dtype != np.float32:
             yield f"log_probs dtype {group.log_probs.dtype.name} is not float32"
@@ -388,7 +421,7 @@ class QwenImageEditPolicy:
         if not (np.all(shapes[:, 0] == 1) and np.all(shapes >= 1)):
             yield f"cond['img_shapes'] {shapes.tolist()} are not rows (1, h, w) with h, w >= 1"
         seq, seq_img = int(shapes[0, 1] * shapes[0, 2]), int(shapes[1, 1] * shapes[1, 2])
-        c, d, k = cfg.in_channels, cfg.joint_attention_dim, int(params["steps"])
+        c, d = cfg.in_channels, cfg.joint_attention_dim
         yield from shapes_reasons("cond", cond, {"prompt_embeds": [("T", None), ("D", d)]})
         yield from shapes_reasons("cond", cond, {"prompt_mask": [("T", cond["prompt_embeds"].shape[0])]})
         if float(params["true_cfg_scale"]) > 1:
@@ -399,13 +432,16 @@ class QwenImageEditPolicy:
             t_neg = cond["negative_prompt_embeds"].shape[0]
             yield from shapes_reasons("cond", cond, {"negative_prompt_mask": [("T_neg", t_neg)]})
         yield from shapes_reasons("cond", cond, {"image_latents": [("L_img", seq_img), ("C", c)]})
-        g = group.log_probs.shape[0]
+        yield from shapes_reasons("cond", cond, {"timesteps": [("N", None)]})
+        yield from shapes_reasons("cond", cond, {"sigmas": [("N+1", cond["timesteps"].shape[0] + 1)]})
+        if ode:
+            yield from ode_reasons(group, "float32", seq, c)
+            return
+        g, k = group.log_probs.shape[0], int(params["steps"])
         yield from shapes_reasons("traj", traj, {"latents": [("G", g), ("steps+1", k + 1), ("L", seq), ("C", c)]})
         reason = units_reason(group.log_probs, k, f"params['steps'] = {k}")
         if reason:
             yield reason
-        yield from shapes_reasons("cond", cond, {"timesteps": [("N", None)]})
-        yield from shapes_reasons("cond", cond, {"sigmas": [("N+1", cond["timesteps"].shape[0] + 1)]})
         reason = schedule_reason(cond["sigmas"], int(params["start"]), k, params["sde_type"], params["noise_level"])
         if reason:
             yield reason
@@ -424,6 +460,10 @@ _GROUP_SPEC = GroupSpec(
             "steps": "integer"},
     optional_cond={"negative_prompt_embeds": _F32, "negative_prompt_mask": _F32},
 )  # fmt: skip
+# An ODE group (sde_type "ode", the nft objective): the final latents, no noise level or window.
+_ODE_SPEC = dataclasses.replace(
+    _GROUP_SPEC, traj={"x0": _F32}, params={"true_cfg_scale": "number", "sde_type": "string"}
+)
 
 
 def load_qwen_image_edit(policy_cfg: Any, *, with_pipeline: bool) -> QwenImageEditPolicy:

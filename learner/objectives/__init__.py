@@ -12,6 +12,10 @@ the max). ``prox`` is the proximal log-probs (a tensor, ``"forward"`` = the θ f
 sampled by the weights the learner holds.
 
 - ``flow_grpo`` (:mod:`.flow_grpo`, default, every family): Flow-GRPO's clipped ratio, decoupled for staleness.
+- ``grpo_guard`` (:mod:`.grpo_guard`, flow, SDE steps): GRPO-Guard's normalised ratio (RatioNorm) and 1/|dt|
+  step reweighting on flow_grpo's decoupled clipped ratio; ``prox`` may also be its ``proximal`` pass.
+- ``nft`` (:mod:`.nft`, flow): DiffusionNFT's likelihood-free forward-process loss on the final latents of ODE
+  samples (``uses_log_probs = False``: no prox/ref log-probs; ``prox`` is ``"forward"`` or its ``proximal`` pass).
 
 Which families an objective serves is :data:`editrl.common.config.OBJECTIVES` (the config check reads it without
 importing torch).
@@ -23,8 +27,10 @@ from typing import Any
 
 from editrl.common.config import OBJECTIVES
 from editrl.learner.objectives.flow_grpo import FlowGRPO
+from editrl.learner.objectives.grpo_guard import GRPOGuard
+from editrl.learner.objectives.nft import NFT
 
-_CLASSES: dict[str, type] = {cls.name: cls for cls in (FlowGRPO,)}
+_CLASSES: dict[str, type] = {cls.name: cls for cls in (FlowGRPO, GRPOGuard, NFT)}
 
 
 def make_objective(lcfg: Any) -> Any:

@@ -62,6 +62,7 @@ def decoupled_loss(
     ref_log_prob: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     rollout_weight: torch.Tensor | None = None,
+    log_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The decoupled loss of one chunk of units and its detached stats (see the module docstring).
 
@@ -69,6 +70,8 @@ def decoupled_loss(
     Stats (over counted units): clip_frac, approx_kl (θ vs prox, 0.5·mean Δ²), ratio_dev_max, iw_mean, iw_max,
     iw_capped_frac (units with w > cap), mismatch_kl (k3 of behave vs prox), kl_ref (k3 of θ vs ref, when given).
     rollout_weight: [B, k] detached per-unit factor of the rollout correction (see :func:`rollout_weights`).
+    log_ratio: [B, k] the log of the clipped ratio when it is not ``θ - prox`` (GRPO-Guard's normalised ratio); the
+    clip stats follow it, approx_kl stays on ``θ - prox``.
     """
     if iw_mode not in IW_MODES:
         raise ValueError(f"iw_mode must be one of {IW_MODES}, got {iw_mode!r}")
@@ -81,7 +84,7 @@ def decoupled_loss(
     adv = advantages.reshape(-1, 1)
     prox, behave = prox_log_prob.detach(), behave_log_prob.detach()
     delta = log_prob - prox
-    ratio = torch.exp(delta)
+    ratio = torch.exp(delta if log_ratio is None else log_ratio.reshape(delta.shape))
     surrogate = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high))
     iw = torch.exp(prox - behave)
     capped = iw > iw_cap
@@ -134,6 +137,26 @@ def rollout_weights(behave: torch.Tensor, sampler: torch.Tensor, mode: str, cap:
 _MAX_KEYS = ("ratio_dev_max", "iw_max", "behave_dev_max", "logp_mismatch_max", "sampler_logp_dev_max")
 
 
+def exactness_stats(
+    prox: torch.Tensor, behave: torch.Tensor, mask: torch.Tensor | None, fresh: bool
+) -> dict[str, torch.Tensor]:
+    """How far the measured prox log-probs [B, k] are from the behaviour ones (see :meth:`FlowGRPO.group_loss`):
+    ``behave_dev_max`` and, for a ``fresh`` group, ``logp_mismatch_max`` (float64 difference). Over counted units."""
+    deviation = (torch.exp(prox - behave) - 1.0).abs()
+    mismatch = (prox.detach().double() - behave.double()).abs()
+    if mask is not None:
+        deviation, mismatch = deviation * mask, mismatch * mask.double()
+    stats = {"behave_dev_max": deviation.max()}
+    if fresh:
+        stats["logp_mismatch_max"] = mismatch.max()
+    return stats
+
+
+def reduce_chunk_stats(out: dict[str, list[float]]) -> dict[str, float]:
+    """A group's stats from its chunks' values: the max for ``*_max`` keys, else the mean."""
+    return {k: max(v) if k in _MAX_KEYS else float(np.mean(v)) for k, v in out.items()}
+
+
 class FlowGRPO:
     """``learner.objective: flow_grpo`` (the default): the decoupled clipped ratio above, for every family."""
 
@@ -183,17 +206,11 @@ class FlowGRPO:
             stats.update(sampler_stats)
             up.engine.backward(loss * (log_prob.shape[1] / n_units))
             if not bypassed:
-                deviation = (torch.exp(chunk_prox - behave[:, cols]) - 1.0).abs()
-                mismatch = (chunk_prox.detach().double() - behave[:, cols].double()).abs()
-                if chunk_mask is not None:
-                    deviation, mismatch = deviation * chunk_mask, mismatch * chunk_mask.double()
-                stats["behave_dev_max"] = deviation.max()
-                if fresh:
-                    stats["logp_mismatch_max"] = mismatch.max()
+                stats.update(exactness_stats(chunk_prox, behave[:, cols], chunk_mask, fresh))
             out.setdefault("loss", []).append(float(loss.detach()))
             for key, value in stats.items():
                 out.setdefault(key, []).append(float(value))
-        return {k: max(v) if k in _MAX_KEYS else float(np.mean(v)) for k, v in out.items()}
+        return reduce_chunk_stats(out)
 
     def _sampler_mismatch(
         self, up: Any, behave: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor | None

@@ -56,8 +56,14 @@ BASE = {"policy": {"model": "/m"}, "data": {"tasks": "/t.jsonl"}}
             "policy.sampler.sde_window_range",
         ),
         ({"policy": {"model": "/m", "sampler": {"sde_window_range": ["a", 3]}}}, "policy.sampler.sde_window_range[0]"),
-        ({"policy": {"model": "/m", "sampler": {"sde_window_schedule": "spiral"}}}, "policy.sampler.sde_window_schedule"),
-        ({"policy": {"model": "/m", "sampler": {"sde_window_shift_every": 0}}}, "policy.sampler.sde_window_shift_every"),
+        (
+            {"policy": {"model": "/m", "sampler": {"sde_window_schedule": "spiral"}}},
+            "policy.sampler.sde_window_schedule",
+        ),
+        (
+            {"policy": {"model": "/m", "sampler": {"sde_window_shift_every": 0}}},
+            "policy.sampler.sde_window_shift_every",
+        ),
         ({"learner": {"objective": "ppo"}}, "learner.objective"),
         ({"policy": {"model": "/m", "family": "ddim", "sampler": {"eta": 0}}}, "policy.sampler.eta"),
         ({"policy": {"model": "/m", "family": "ddim", "pipeline": "flux_kontext"}}, "policy.pipeline"),
