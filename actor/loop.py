@@ -130,7 +130,8 @@ class Actor:
         t0 = time.monotonic()
         with torch.no_grad():
             rollout = self.policy.sample(task.instruction, source, self.cfg.data.group_size, self.generator)
-        self.log.debug("group_sampled", task_id=task.task_id, seconds=round(time.monotonic() - t0, 3))
+        self.log.debug("group_sampled", task_id=task.task_id, seconds=round(time.monotonic() - t0, 3),
+                       version=self.version, start=rollout.params.get("start"))  # fmt: skip
         return rollout_message(
             rollout, source, request_id=new_id(), group_id=new_id(), lease_id=lease.lease_id, task_id=task.task_id,
             actor_id=self.actor_id, policy_version=self.version, instruction=task.instruction, task_type=task.task_type,

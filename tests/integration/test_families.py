@@ -57,3 +57,33 @@ def test_qwen_image_edit_flow_adapter(tmp_path, tiny_qwen_edit_dir, quickstart_t
     """True CFG with both branches + norm rescale, recomputed by the learner; a CPS window for good measure."""
     sampler = {"guidance": 4.0, "sde_type": "cps", "noise_level": 0.8, "sde_window": 1, "sde_window_range": [0, 2]}
     _run(tmp_path, tiny_qwen_edit_dir, quickstart_tasks, {"sampler": sampler})
+
+
+def test_grpo_guard_with_a_sliding_window_trains_exactly(tmp_path, tiny_model_dir, quickstart_tasks):
+    """``learner.objective: grpo_guard`` (its own prox pass with the default 2 minibatches) on FLUX-Kontext, the SDE
+    window sliding with the version (issue 15): exact at every step like every objective with log-probs."""
+    sampler = {"sde_window": 1, "sde_window_range": [0, 3], "sde_window_schedule": "sliding"}
+    metrics = _run(
+        tmp_path, tiny_model_dir, quickstart_tasks, {"sampler": sampler}, learner={"objective": "grpo_guard"}
+    )
+    assert all("learner/ratio_dev_max" in m and "learner/clip_frac" in m for m in metrics)
+    sampled = [e for e in read_jsonl(tmp_path / "run/logs/actor-0.jsonl") if e.get("event") == "group_sampled"]
+    assert {e["start"] for e in sampled} == {0, 1, 2}, sampled[:3]  # 3 positions of a 1-step window in [0, 3]
+    assert all(e["start"] == e["version"] % 3 for e in sampled)  # one step further every version
+
+
+def test_nft_trains_on_ode_samples_end_to_end(tmp_path, tiny_model_dir, quickstart_tasks):
+    """``learner.objective: nft``: the actor samples with the ODE and stores only the final latents; the learner's
+    forward-process loss trains and publishes (η = 1: staleness only makes nft's data older, nothing is weighted)."""
+    topo = write_topology(tmp_path, tiny_model_dir, quickstart_tasks, data={"group_size": 4},
+                          learner={"objective": "nft"})  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "editrl.scripts.cli", "up", str(topo), "--max-steps", "4"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_jsonl(tmp_path / "run/metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for m in metrics:
+        assert {"learner/nft_loss_pos", "learner/nft_loss_neg", "learner/nft_r01_mean"} <= set(m), sorted(m)
+        assert "learner/logp_mismatch_max" not in m and "learner/ratio_dev_max" not in m  # no log-probs: absent
+    assert metrics[0]["learner/grad_norm"] > 0
+    assert (tmp_path / "run/weights/v000004/DONE").exists()
