@@ -58,20 +58,29 @@ def topology(root: Path, objective: str, eta: int, seed: int, model: Path, tasks
     base["data"]["tasks"] = str(tasks)
     base["data"].pop("make_quickstart", None)
     base["learner"].update(objective=objective, publish_every=1, checkpoint_every=10**6)
+    if objective == "nft":  # samples with the ODE: no SDE window (the same schedule, steps and guidance otherwise)
+        base["policy"]["sampler"].update(sde_window=0, sde_window_range=[])
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(base))
     return path
 
 
-def run_one(topo: Path, steps: int, smooth: int) -> dict[str, Any]:
+def run_one(topo: Path, steps: int, smooth: int, reuse: bool = False) -> dict[str, Any]:
+    """Run ``editrl up`` for ``steps`` steps (or, with ``reuse``, read a finished run of ``topo``'s directory)."""
     cfg = yaml.safe_load(topo.read_text())
     run_dir = Path(cfg["run"]["dir"])
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "editrl.scripts.cli", "up", str(topo), "--max-steps", str(steps)],
-                          capture_output=True, text=True)  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"{topo.name} failed:\n{proc.stderr[-2000:]}")
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    launched = run_dir.parent / f"{cfg['run']['name']}.launched"  # the launch time, for a later --reuse
+    metrics_path = run_dir / "metrics.jsonl"
+    if reuse and launched.exists() and metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= steps:
+        t0 = float(launched.read_text())
+    else:
+        t0 = time.time()
+        launched.write_text(repr(t0))
+        proc = subprocess.run([sys.executable, "-m", "editrl.scripts.cli", "up", str(topo), "--max-steps", str(steps)],
+                              capture_output=True, text=True)  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(f"{topo.name} failed:\n{proc.stderr[-2000:]}")
+    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()][:steps]
     rewards = [m["reward/mean"] for m in metrics]
     actor_idle = [e["idle_ratio"] for e in _events(run_dir / "logs/actor-0.jsonl") if e.get("event") == "group_sent"]
     return {
@@ -81,7 +90,7 @@ def run_one(topo: Path, steps: int, smooth: int) -> dict[str, Any]:
         "reward": rewards,
         "smoothed": trailing_mean(rewards, smooth),
         "final": statistics.fmean(rewards[-smooth:]),
-        "wall_s": time.time() - t0,
+        "wall_s": metrics[-1]["time"] - t0,
         "learner_idle": statistics.median(m["learner/idle_ratio"] for m in metrics),
         "actor_idle_end": actor_idle[-1] if actor_idle else None,  # cumulative over the actor's life
         "staleness_mean": statistics.fmean(m["learner/staleness_mean"] for m in metrics),
@@ -132,6 +141,9 @@ def summarize(
             "after_first_step_s": spread(after_first),  # start-up (the same for every run) left out
             "reached": f"{len(times)}/{len(rs)}",
             "final_reward": spread([r["final"] for r in rs]),
+            # final minus the run's own first steps: nft's ODE samples score higher than SDE samples from step 1 on,
+            # so levels (and a target) compare samplers as much as objectives; the gain compares learning
+            "gain": spread([r["final"] - statistics.fmean(r["reward"][:smooth]) for r in rs]),
             "steps_per_min": spread([60 * len(r["steps"]) / (r["seconds"][-1] - r["seconds"][0]) for r in rs]),
             "learner_idle": spread([r["learner_idle"] for r in rs]),
             "actor_idle": spread([r["actor_idle_end"] for r in rs if r["actor_idle_end"] is not None]),
@@ -185,10 +197,10 @@ def report(summary: dict[str, Any]) -> None:
     print(f"\ntarget reward {summary['target']:.3f} (η=0 {DEFAULT}: median initial {summary['initial']:.3f}, final "
           f"{summary['final']:.3f})")  # fmt: skip
     print(f"{'objective/η':<22}{'time to target s':>24}{'after 1st step s':>24}{'reached':>9}{'final reward':>24}"
-          f"{'steps/min':>20}{'learner idle':>20}{'actor idle':>20}")  # fmt: skip
+          f"{'gain':>22}{'steps/min':>20}{'learner idle':>20}{'actor idle':>20}")  # fmt: skip
     for key, row in summary["table"].items():
         print(f"{key:<22}{fmt(row['time_to_target_s']):>24}{fmt(row['after_first_step_s']):>24}{row['reached']:>9}"
-              f"{fmt(row['final_reward'], '.3f'):>24}"
+              f"{fmt(row['final_reward'], '.3f'):>24}{fmt(row['gain'], '+.3f'):>22}"
               f"{fmt(row['steps_per_min'], '.1f'):>20}{fmt(row['learner_idle'], '.2f'):>20}"
               f"{fmt(row['actor_idle'], '.2f'):>20}")  # fmt: skip
     ratio, after = summary["speedup_eta2"], summary["speedup_eta2_after_first_step"]
@@ -215,7 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin", type=float, help="target = final - margin instead")
     p.add_argument("--png", help="write the curves here")
     p.add_argument("--json", help="write every number here")
-    p.add_argument("--keep", help="run directories here (default: a temp dir, removed)")
+    p.add_argument("--keep", help="run directories here (default: a new temp dir)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read runs that already finished under --keep instead of "
+        "running them again (e.g. to add objectives to an earlier bench)",
+    )
     args = p.parse_args(argv)
     from editrl.common.config import load_config
 
@@ -232,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         for eta in (int(e) for e in args.etas.split(",")):
             for seed in range(args.seeds if objective == DEFAULT else args.other_seeds):
                 topo = topology(root, objective, eta, seed, Path(quick.policy.model), Path(quick.data.tasks))
-                r = run_one(topo, args.steps, args.smooth)
+                r = run_one(topo, args.steps, args.smooth, args.reuse)
                 runs.setdefault((objective, eta), []).append(r)
                 print(f"{r['name']}: {len(r['steps'])} steps in {r['wall_s']:.0f} s, final reward {r['final']:.3f}",
                       flush=True)  # fmt: skip
