@@ -16,6 +16,7 @@ the hacked run (lr 3e-3): the legacy reward went 7.95 -> ~8.6 in 20 steps and st
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -59,6 +60,26 @@ def _rows(metrics: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _read_status_while_alarmed(run_dir: Path, topo: Path, out: dict[str, Any]) -> None:
+    """Both status views of ONE moment: the learner is stopped (SIGSTOP) while they are read, so the alarm cannot
+    clear between them (it may, a step later: it compares against any earlier window), and only if the latest step
+    with gold still has the alarm on; otherwise nothing is read and the caller tries again after the next steps."""
+    from editrl.scripts.status import latest_gold
+
+    pid = int((run_dir / "pids" / "learner-0.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        gold = latest_gold(run_dir)
+        if gold is None or gold["alarm"] is not True:
+            return
+        status = subprocess.run([*CLI, "status", str(topo), "--json"], capture_output=True, text=True, timeout=60)
+        table = subprocess.run([*CLI, "status", str(topo), "--once"], capture_output=True, text=True, timeout=60)
+        out["status"] = json.loads(status.stdout) if status.returncode == 0 else None
+        out["table"] = table.stdout
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def _hacked_run(tmp: Path, editor: Path, tasks: Path) -> dict[str, Any]:
     """Run until the alarm shows in metrics.jsonl (or HACK_MAX_STEPS), read `editrl status` while it runs, stop."""
     scorers = {"options": {"mapping": "legacy"}, "gold": {"backend": "metric", **GOLD}}
@@ -72,13 +93,10 @@ def _hacked_run(tmp: Path, editor: Path, tasks: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"run": tmp / "run", "topo": topo, "status": None, "table": ""}
     try:
         deadline = time.monotonic() + 900
-        while time.monotonic() < deadline and proc.poll() is None and not _alarm_seen(metrics):
+        while time.monotonic() < deadline and proc.poll() is None and out["status"] is None:
+            if _alarm_seen(metrics):
+                _read_status_while_alarmed(tmp / "run", topo, out)
             time.sleep(1.0)
-        if proc.poll() is None and _alarm_seen(metrics):
-            status = subprocess.run([*CLI, "status", str(topo), "--json"], capture_output=True, text=True, timeout=60)
-            out["status"] = json.loads(status.stdout) if status.returncode == 0 else None
-            table = subprocess.run([*CLI, "status", str(topo), "--once"], capture_output=True, text=True, timeout=60)
-            out["table"] = table.stdout
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
