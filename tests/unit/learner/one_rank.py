@@ -1,4 +1,5 @@
-"""One learner step in this process: a 1-rank gloo group, the learner's policy with only its LoRA trainable, FSDP2."""
+"""One learner step in this process: a 1-rank gloo group, the learner's policy with only its LoRA trainable, FSDP2;
+and the float64 set-up the golden tests share (a config on the float64 tiny FLUX-Kontext, two groups through the wire)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,28 @@ def train_one_step(cfg: Any, groups: list[Any], rewards: list[np.ndarray], versi
         return update.Updater(cfg, policy, engine).train_step(groups, rewards, version=version)
     finally:
         dist.destroy_process_group()
+
+
+def float64_setup(model_dir: Any, learner: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """The golden tests' config (float64 tiny FLUX-Kontext, LoRA rank 4, 4 sampler steps, ``learner`` settings) and
+    two groups of 4 edits sampled by it from seeded random 64x64 sources, encoded and decoded as the learner gets them."""
+    import torch
+    from PIL import Image
+
+    from editrl.common.config import parse_config
+    from editrl.common.families.base import load_policy, through_wire
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = parse_config({
+        "policy": {"model": str(model_dir), "dtype": "float64", "lora": {"rank": 4, "alpha": 8},
+                   "sampler": {"num_steps": 4}},
+        "data": {"tasks": "/unused.jsonl"}, "learner": learner,
+    })  # fmt: skip
+    rng = np.random.default_rng(0)
+    actor = load_policy(cfg.policy, with_pipeline=True)
+    groups = []
+    for i in range(2):
+        source = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        groups.append(through_wire(actor.sample("make it red", source, 4, torch.Generator().manual_seed(i)), source))
+    return cfg, groups

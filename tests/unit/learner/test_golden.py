@@ -92,29 +92,15 @@ def run_scenario(model_dir: Path, learner: dict[str, Any]) -> dict[int, dict[str
     """Sample the two groups in float64 and take the two learner steps; the recorded stats of each step."""
     import torch
     import torch.distributed as dist
-    from PIL import Image
 
-    from editrl.common.config import parse_config
-    from editrl.common.families.base import load_policy, through_wire
+    from editrl.common.families.base import load_policy
     from editrl.learner import update
     from editrl.learner.engines import FSDP2Engine, is_lora_key
 
     from ...integration.conftest import free_port
+    from .one_rank import float64_setup
 
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cfg = parse_config({
-        "policy": {"model": str(model_dir), "dtype": "float64", "lora": {"rank": 4, "alpha": 8},
-                   "sampler": {"num_steps": 4}},
-        "data": {"tasks": "/unused.jsonl"},
-        "learner": {"lr": 3e-3, "clip_range": 1e-3, "iw_cap": 1.5, **learner},
-    })  # fmt: skip
-    rng = np.random.default_rng(0)
-    actor = load_policy(cfg.policy, with_pipeline=True)
-    groups = []
-    for i in range(2):
-        source = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-        groups.append(through_wire(actor.sample("make it red", source, 4, torch.Generator().manual_seed(i)), source))
+    cfg, groups = float64_setup(model_dir, {"lr": 3e-3, "clip_range": 1e-3, "iw_cap": 1.5, **learner})
     assert all(g.log_probs.dtype == np.float64 and g.traj["latents"].dtype == np.float64 for g in groups)
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)

@@ -178,28 +178,16 @@ RECORDED = {
 def run_guard(model_dir: Path, learner: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Two float64 groups, two learner steps (the second on groups one version stale), then the hook's stats."""
     import torch.distributed as dist
-    from PIL import Image
 
-    from editrl.common.families.base import load_policy, through_wire
+    from editrl.common.families.base import load_policy
     from editrl.learner import update
     from editrl.learner.engines import FSDP2Engine, is_lora_key
     from editrl.learner.loss import group_advantages
 
     from ...integration.conftest import free_port
+    from .one_rank import float64_setup
 
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cfg = parse_config({
-        "policy": {"model": str(model_dir), "dtype": "float64", "lora": {"rank": 4, "alpha": 8},
-                   "sampler": {"num_steps": 4}},
-        "data": {"tasks": "/unused.jsonl"}, "learner": {**LEARNER, **learner},
-    })  # fmt: skip
-    rng = np.random.default_rng(0)
-    actor = load_policy(cfg.policy, with_pipeline=True)
-    groups = []
-    for i in range(2):
-        source = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-        groups.append(through_wire(actor.sample("make it red", source, 4, torch.Generator().manual_seed(i)), source))
+    cfg, groups = float64_setup(model_dir, {**LEARNER, **learner})
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         policy = load_policy(cfg.policy, with_pipeline=False)

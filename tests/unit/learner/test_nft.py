@@ -199,28 +199,13 @@ def test_proximal_equals_the_forward_until_the_weights_move() -> None:
 def run_golden(model_dir: Path) -> dict[str, float]:
     """Two ODE groups from the float64 tiny FLUX-Kontext through the wire, accepted by the learner's check, and one
     1-rank learner step (FSDP2, minibatches 1: v_old is the θ forward's own value) with objective nft."""
-    from PIL import Image
 
-    from editrl.common.config import parse_config
-    from editrl.common.families.base import load_policy, through_wire
+    from editrl.common.families.base import load_policy
 
-    from .one_rank import train_one_step
+    from .one_rank import float64_setup, train_one_step
 
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cfg = parse_config({
-        "policy": {"model": str(model_dir), "dtype": "float64", "lora": {"rank": 4, "alpha": 8},
-                   "sampler": {"num_steps": 4}},
-        "data": {"tasks": "/unused.jsonl"},
-        "learner": {"objective": "nft", "lr": 3e-3, "minibatches": 1},
-    })  # fmt: skip
+    cfg, groups = float64_setup(model_dir, {"objective": "nft", "lr": 3e-3, "minibatches": 1})
     assert cfg.policy.sampler.sde_type == "ode"
-    rng = np.random.default_rng(0)
-    actor = load_policy(cfg.policy, with_pipeline=True)
-    groups = []
-    for i in range(2):
-        source = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-        groups.append(through_wire(actor.sample("make it red", source, 4, torch.Generator().manual_seed(i)), source))
     learner = load_policy(cfg.policy, with_pipeline=False)
     assert [learner.check_group(g) for g in groups] == [None, None]
     assert all(g.traj["x0"].dtype == np.float64 and set(g.traj) == {"x0"} for g in groups)
